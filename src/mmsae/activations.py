@@ -1,0 +1,596 @@
+"""Harvesting one layer's activations into a sharded store, and reading the store back.
+
+``harvest(HarvestConfig)`` streams a data source through a model adapter, stops each forward pass
+after the wanted layer and writes the kept tokens' residual-stream vectors to
+``shard-R-NNNNN.safetensors`` files (R = rank) with a ``manifest.json`` (format in
+docs/architecture.md). Shards are written atomically and always end at a sample boundary; after
+each shard the rank's ``progress-R.json`` records which samples are done, so rerunning the same
+command after a crash or ``kill -9`` resumes exactly where the last shard ended (no sample
+duplicated or dropped). Under ``torchrun`` rank r takes the samples whose id % world == r.
+
+``ActivationStore(dir)`` reads a store back: token counts, metadata and a deterministic, shuffled
+stream of float32 batches that holds only a few shards in memory at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import math
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import Sample
+from .data.sources import DEFAULT_PROMPT, open_source
+from .errors import MmsaeError
+from .io import ensure_dir, read_json, save_tensors, write_json
+
+FORMAT = "mmsae-activations"
+VERSION = 1
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+METADATA_KEYS = ("sample", "pos", "is_image", "tile", "row", "col")
+TokenKind = Literal["all", "image", "text"]
+# Settings that change what a store holds; a resumed run must use the same ones.
+_RESUME_KEYS = ("model", "layer", "data", "tokens", "max_tokens", "max_samples", "dtype", "model_dtype",
+                "prompt", "split", "image_column", "text_column", "shard_size")
+
+
+@dataclass
+class HarvestConfig:
+    """What ``mmsae harvest`` runs: one model layer over one data source, into one store folder."""
+
+    model: str = field(metadata={"help": "model hub id or local path"})
+    layer: int = field(metadata={"help": "decoder layer whose output (the residual stream) is stored, 0-based"})
+    data: str = field(metadata={"help": "image folder, .jsonl of {image, text}, Hugging Face dataset (name or path) or shapes:N[:SEED]"})
+    out: str = field(metadata={"help": "store folder (created; rerun the same command to resume)"})
+    tokens: Literal["all", "image", "text"] = field(default="all", metadata={"help": "which tokens to keep"})
+    max_tokens: Optional[int] = field(default=None, metadata={"help": "stop after this many tokens (over all ranks)"})
+    max_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N samples of the source"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "dtype the activations are stored in"})
+    model_dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "dtype the model runs in"})
+    batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
+    device: str = field(default="auto", metadata={"help": "torch device; auto = this rank's GPU if any, else cpu"})
+    prompt: str = field(default=DEFAULT_PROMPT, metadata={"help": "text for samples that have none (image-only sources)"})
+    split: str = field(default="train", metadata={"help": "dataset split"})
+    image_column: Optional[str] = field(default=None, metadata={"help": "dataset image column (default: detected)"})
+    text_column: Optional[str] = field(default=None, metadata={"help": "dataset text column (default: detected)"})
+    shard_size: int = field(default=32768, metadata={"help": "tokens per shard (shards end at sample boundaries)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code from the hub"})
+
+
+# --------------------------------------------------------------------------------------------
+# harvesting
+# --------------------------------------------------------------------------------------------
+
+
+def harvest(cfg: HarvestConfig) -> ActivationStore:
+    """Run ``cfg.model`` over ``cfg.data`` and store layer ``cfg.layer``'s activations in ``cfg.out``.
+
+    Resumable: rerunning with the same config continues after the last complete shard. Under
+    ``torchrun`` every rank writes its own shards; rank 0 writes the final manifest.
+    """
+    _check_config(cfg)
+    rank, world, own_group = _init_distributed()
+    try:
+        out = ensure_dir(cfg.out)
+        progress = _start_progress(out, cfg, rank, world)
+        if not progress["done"]:
+            _harvest_rank(cfg, out, progress, rank, world)
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if rank == 0:
+            manifest = _write_manifest(out)
+            if manifest["complete"]:
+                stats = manifest["stats"]
+                tqdm.write(f"harvest: {stats['n_tokens']} tokens from {stats['n_samples']} samples in {out}"
+                           + (f"; skipped {stats['n_skipped']} unreadable samples (listed in manifest.json)"
+                              if stats["n_skipped"] else ""), file=sys.stderr)
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+    return ActivationStore(out)
+
+
+def _check_config(cfg: HarvestConfig) -> None:
+    for name in ("batch_size", "shard_size"):
+        if getattr(cfg, name) < 1:
+            raise MmsaeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    for name in ("max_tokens", "max_samples"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise MmsaeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+
+
+def _init_distributed() -> tuple[int, int, bool]:
+    """Rank and world size from torchrun's environment; joins a gloo group when there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world <= 1:
+        return 0, 1, False
+    dist = torch.distributed
+    if dist.is_available() and not dist.is_initialized() and "MASTER_ADDR" in os.environ:
+        from datetime import timedelta
+
+        # ranks can finish far apart (uneven images); the final barrier must not time out
+        dist.init_process_group("gloo", timeout=timedelta(hours=48))
+        return rank, world, True
+    return rank, world, False
+
+
+def _progress_path(out: Path, rank: int) -> Path:
+    return out / f"progress-{rank}.json"
+
+
+def _start_progress(out: Path, cfg: HarvestConfig, rank: int, world: int) -> dict:
+    """This rank's progress: a fresh record, or the one a previous run left (checked to match)."""
+    config = dataclasses.asdict(cfg)
+    for path in sorted(out.glob("progress-*.json")):
+        other = read_json(path)
+        changed = [k for k in _RESUME_KEYS if other["config"].get(k) != config[k]]
+        if changed:
+            k = changed[0]
+            raise MmsaeError(f"{out} holds a harvest with {k}={other['config'].get(k)!r}, not {config[k]!r}; "
+                             "rerun with the same settings to resume, or choose a new --out")
+        if other["world"] != world:
+            raise MmsaeError(f"{out} was harvested by {other['world']} processes, not {world}; "
+                             f"resume with the same number of processes, or choose a new --out")
+    if not any(out.glob("progress-*.json")) and (out / "manifest.json").exists():
+        raise MmsaeError(f"{out} already holds an activation store with no resumable progress; choose a new --out")
+    path = _progress_path(out, rank)
+    if path.exists():
+        progress = read_json(path)
+    else:
+        progress = {"rank": rank, "world": world, "config": config, "next_sample": 0, "samples_done": 0,
+                    "n_tokens": 0, "done": False, "shards": [], "skipped": [], "seconds": {}}
+    # Remove what a killed run left beyond its last recorded shard: temp files and unrecorded shards.
+    recorded = {s["file"] for s in progress["shards"]}
+    for leftover in list(out.glob(f"shard-{rank}-*.safetensors")) + list(out.glob(f".shard-{rank}-*.tmp")) \
+            + list(out.glob(f".progress-{rank}.json.*.tmp")):
+        if leftover.name not in recorded:
+            leftover.unlink()
+    return progress
+
+
+def _device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+class _ShardWriter:
+    """Buffers token rows and writes them as one shard plus the rank's progress, atomically."""
+
+    def __init__(self, out: Path, progress: dict, dtype: torch.dtype):
+        self.out, self.progress, self.dtype = out, progress, dtype
+        self.parts: list[dict[str, torch.Tensor]] = []
+        self.buffered = 0
+        self.pending_skips: list[tuple[int, str]] = []  # appended by the prefetch thread
+        self.lock = threading.Lock()
+
+    def skip(self, sample_id: int, reason: str) -> None:
+        with self.lock:
+            self.pending_skips.append((sample_id, reason))
+
+    def add(self, part: dict[str, torch.Tensor]) -> None:
+        self.parts.append(part)
+        self.buffered += len(part["sample"])
+
+    def flush(self, next_sample: int, samples_done: int, done: bool, seconds: dict) -> None:
+        """Write the buffered rows as a shard (if any) and record progress up to ``next_sample``."""
+        p = self.progress
+        if self.parts:
+            tensors = {k: torch.cat([part[k] for part in self.parts]) for k in self.parts[0]}
+            acts = tensors["acts"]
+            if not torch.isfinite(acts).all():
+                bad = tensors["sample"][~torch.isfinite(acts).all(dim=1)].unique()[:5].tolist()
+                raise MmsaeError(f"activations of samples {bad} are NaN/inf in {acts.dtype}; "
+                                 "store in bfloat16 or float32 (--dtype), or run the model in float32 (--model-dtype)")
+            name = f"shard-{p['rank']}-{len(p['shards']):05d}.safetensors"
+            self._write(lambda: save_tensors(self.out / name, tensors, metadata={"format": FORMAT}), name)
+            p["shards"].append({
+                "file": name, "rank": p["rank"], "n_tokens": len(acts),
+                "n_image_tokens": int(tensors["is_image"].sum()),
+                "first_sample": int(tensors["sample"][0]), "last_sample": int(tensors["sample"][-1]),
+                "norm_sum": float(acts.float().norm(dim=1).sum()),
+            })
+            p["n_tokens"] += len(acts)
+            self.parts, self.buffered = [], 0
+        # skips found by the prefetcher beyond next_sample are recorded with a later shard
+        with self.lock:
+            p["skipped"] += [[i, r] for i, r in self.pending_skips if i < next_sample]
+            self.pending_skips = [(i, r) for i, r in self.pending_skips if i >= next_sample]
+        p.update(next_sample=next_sample, samples_done=samples_done, done=done,
+                 seconds={k: round(p["seconds"].get(k, 0.0) + v, 3) for k, v in seconds.items()})
+        seconds.update({k: 0.0 for k in seconds})
+        self._write(lambda: write_json(_progress_path(self.out, p["rank"]), p), _progress_path(self.out, p["rank"]).name)
+
+    def _write(self, write, name: str) -> None:
+        try:
+            write()
+        except OSError as e:
+            kept = f"{len(self.progress['shards'])} shards ({self.progress['n_tokens']} tokens) kept"
+            if e.errno == errno.ENOSPC:
+                raise MmsaeError(f"disk full while writing {self.out / name}: {kept}; free space and rerun the same command to resume") from e
+            raise MmsaeError(f"cannot write {self.out / name}: {e.strerror or e}; {kept}; fix the folder and rerun to resume") from e
+
+
+def _prefetch(batches: Iterator, depth: int = 2) -> Iterator:
+    """Run ``batches`` in a background thread (image decoding and processing overlap the model)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _batched(samples: Iterator[Sample], adapter, batch_size: int) -> Iterator[tuple[list[Sample], Any]]:
+    batch: list[Sample] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield batch, adapter.build_inputs([s.image for s in batch], [s.text for s in batch])
+            batch = []
+    if batch:
+        yield batch, adapter.build_inputs([s.image for s in batch], [s.text for s in batch])
+
+
+def _token_rows(hidden: torch.Tensor, batch: list[Sample], layouts, tokens: str, store_dtype: torch.dtype) -> list[dict]:
+    """Per sample, the kept tokens' activations (moved to CPU in the store dtype) and metadata."""
+    flat_index, metas = [], []
+    seq_len = hidden.shape[1]
+    for i, (sample, layout) in enumerate(zip(batch, layouts)):
+        image_pos = layout.positions.cpu().long()
+        text_pos = layout.text_positions.cpu().long()
+        n_img = len(image_pos) if tokens in ("all", "image") else 0
+        pos = torch.cat([image_pos[:n_img], text_pos if tokens in ("all", "text") else text_pos[:0]])
+        is_image = torch.arange(len(pos)) < n_img
+        grid = torch.full((3, len(pos)), -1, dtype=torch.long)
+        if n_img:
+            grid[:, :n_img] = torch.stack([layout.tile.cpu(), layout.row.cpu(), layout.col.cpu()])
+        order = torch.argsort(pos)
+        pos, is_image, grid = pos[order], is_image[order], grid[:, order]
+        flat_index.append(pos + i * seq_len)
+        metas.append({"sample": torch.full((len(pos),), sample.id, dtype=torch.int64), "pos": pos.to(torch.int32),
+                      "is_image": is_image, "tile": grid[0].to(torch.int16), "row": grid[1].to(torch.int16),
+                      "col": grid[2].to(torch.int16)})
+    index = torch.cat(flat_index).to(hidden.device)
+    acts = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index).to("cpu", store_dtype)
+    rows, start = [], 0
+    for meta in metas:
+        n = len(meta["sample"])
+        rows.append({"acts": acts[start:start + n], **meta})
+        start += n
+    return rows
+
+
+def _harvest_rank(cfg: HarvestConfig, out: Path, progress: dict, rank: int, world: int) -> None:
+    from .hooks import run_until
+    from .models import load_adapter
+
+    adapter = load_adapter(cfg.model, dtype=cfg.model_dtype, device=_device(cfg.device),
+                           trust_remote_code=cfg.trust_remote_code)
+    if not 0 <= cfg.layer < adapter.num_layers:
+        raise MmsaeError(f"layer {cfg.layer} is out of range for {cfg.model}: it has {adapter.num_layers} "
+                         f"decoder layers (0-{adapter.num_layers - 1}); choose --layer in that range")
+    source = open_source(cfg.data, split=cfg.split, image_column=cfg.image_column, text_column=cfg.text_column,
+                         prompt=cfg.prompt, allow_text_only=not adapter.has_vision)
+    budget = None
+    if cfg.max_tokens is not None:
+        budget = cfg.max_tokens // world + (rank < cfg.max_tokens % world)
+    writer = _ShardWriter(out, progress, STORE_DTYPES[cfg.dtype])
+    progress["hook_point"], progress["d"] = adapter.hook_point(cfg.layer), adapter.hidden_size
+    progress["source"] = source.spec
+
+    stop = cfg.max_samples if cfg.max_samples is not None else source.num_samples
+    total = None if stop is None else len(range(rank, stop, world))
+    samples = source.samples(start=progress["next_sample"], rank=rank, world=world, stop=cfg.max_samples,
+                             on_skip=writer.skip)
+    bar = tqdm(total=total, initial=progress["samples_done"] + len(progress["skipped"]), unit="sample",
+               desc=f"harvest L{cfg.layer}" + (f" rank {rank}" if world > 1 else ""), disable=None if rank == 0 else True,
+               dynamic_ncols=True)
+    tokens_total, samples_done = progress["n_tokens"], progress["samples_done"]
+    next_sample = progress["next_sample"]
+    seconds: dict[str, float] = {"data": 0.0, "model": 0.0, "store": 0.0}
+    session_tokens, t_start = 0, time.perf_counter()
+    done = False
+    try:
+        t0 = time.perf_counter()
+        for batch, model_inputs in _prefetch(_batched(samples, adapter, cfg.batch_size)):
+            t1 = time.perf_counter()
+            hidden = run_until(adapter, cfg.layer, model_inputs)
+            t2 = time.perf_counter()
+            for sample, row in zip(batch, _token_rows(hidden, batch, model_inputs.layouts, cfg.tokens, writer.dtype)):
+                if budget is not None and tokens_total + len(row["sample"]) >= budget:
+                    row = {k: v[: budget - tokens_total] for k, v in row.items()}
+                    done = True
+                writer.add(row)
+                tokens_total += len(row["sample"])
+                session_tokens += len(row["sample"])
+                samples_done += 1
+                next_sample = sample.id + 1
+                if done:
+                    break
+            if writer.buffered >= cfg.shard_size or done:
+                writer.flush(next_sample, samples_done, done, seconds)
+            t3 = time.perf_counter()
+            seconds["data"] += t1 - t0
+            seconds["model"] += t2 - t1
+            seconds["store"] += t3 - t2
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{session_tokens / (t3 - t_start):,.0f} tok/s, {len(source.skipped)} skipped", refresh=False)
+            if done:
+                break
+            t0 = time.perf_counter()
+        if not done:  # the source is exhausted: the last shard, and every skip up to its end
+            end = max([next_sample, stop or 0] + [i + 1 for i, _ in writer.pending_skips])
+            writer.flush(end, samples_done, True, seconds)
+    finally:
+        bar.close()
+    if writer.progress["skipped"]:
+        first_id, reason = writer.progress["skipped"][0]
+        tqdm.write(f"harvest: rank {rank} skipped {len(writer.progress['skipped'])} samples with missing or "
+                   f"unreadable images (first: sample {first_id}: {reason})", file=sys.stderr)
+
+
+def _merge_progress(out: Path) -> dict:
+    """The manifest that the ranks' progress files describe (complete once every rank is done)."""
+    progress = [read_json(p) for p in sorted(out.glob("progress-*.json"))]
+    if not progress:
+        raise MmsaeError(f"{out} holds no activation store (no manifest.json or progress files); run mmsae harvest first")
+    progress.sort(key=lambda p: p["rank"])
+    world = progress[0]["world"]
+    cfg = progress[0]["config"]
+    described = next((p for p in progress if "d" in p), {})
+    shards = [s for p in progress for s in p["shards"]]
+    skipped = sorted((i, r) for p in progress for i, r in p["skipped"])
+    n_tokens = sum(s["n_tokens"] for s in shards)
+    n_image = sum(s["n_image_tokens"] for s in shards)
+    return {
+        "format": FORMAT, "version": VERSION, "model": cfg["model"], "layer": cfg["layer"],
+        "hook_point": described.get("hook_point"), "d": described.get("d"), "dtype": cfg["dtype"],
+        "source": described.get("source", cfg["data"]), "tokens": cfg["tokens"], "world": world,
+        "complete": len(progress) == world and all(p["done"] for p in progress),
+        "shards": shards,
+        "ranks": {str(p["rank"]): {"samples_done": p["samples_done"], "next_sample": p["next_sample"],
+                                   "n_tokens": p["n_tokens"], "done": p["done"], "seconds": p["seconds"]}
+                  for p in progress},
+        "stats": {"n_tokens": n_tokens, "n_image_tokens": n_image, "n_text_tokens": n_tokens - n_image,
+                  "n_samples": sum(p["samples_done"] for p in progress), "n_skipped": len(skipped),
+                  "skipped": [{"sample": i, "reason": r} for i, r in skipped],
+                  "mean_norm": sum(s["norm_sum"] for s in shards) / max(n_tokens, 1)},
+        "config": cfg,
+    }
+
+
+def _write_manifest(out: Path) -> dict:
+    manifest = _merge_progress(out)
+    try:
+        write_json(out / "manifest.json", manifest)
+    except OSError as e:
+        raise MmsaeError(f"cannot write {out / 'manifest.json'}: {e.strerror or e}; free space and rerun to finish") from e
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+
+class ActivationStore:
+    """A harvested store: ``manifest.json`` plus safetensors shards.
+
+    ``n_tokens``, ``d``, ``dtype`` and ``cfg`` (model, layer, hook point, data, harvest settings)
+    describe it; ``batches`` streams it for training; ``metadata`` and ``iter_shards`` give the
+    per-token sample id, position, image flag and tile/row/col.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        manifest_path = self.path / "manifest.json"
+        # A store whose harvest was interrupted (or whose ranks never merged) is read from the
+        # progress files, which are always up to date; the manifest is their merged copy.
+        self.manifest = read_json(manifest_path) if manifest_path.exists() else _merge_progress(self.path)
+        if not self.manifest.get("complete", True) and any(self.path.glob("progress-*.json")):
+            self.manifest = _merge_progress(self.path)
+        if self.manifest.get("format") != FORMAT:
+            raise MmsaeError(f"{manifest_path} is not an mmsae activation store (format {self.manifest.get('format')!r})")
+        self.shards: list[dict] = self.manifest["shards"]
+
+    # --- description -----------------------------------------------------------------------
+    @property
+    def n_tokens(self) -> int:
+        return sum(s["n_tokens"] for s in self.shards)
+
+    @property
+    def d(self) -> int:
+        return int(self.manifest["d"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return STORE_DTYPES[self.manifest["dtype"]]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete", True))
+
+    @property
+    def cfg(self) -> dict:
+        """model, layer, hook_point, d, dtype, data source, tokens and the full harvest config."""
+        m = self.manifest
+        return {"model": m["model"], "layer": m["layer"], "hook_point": m["hook_point"], "d": m["d"],
+                "dtype": m["dtype"], "data": m["config"]["data"], "tokens": m["tokens"],
+                "mean_norm": m["stats"]["mean_norm"], "harvest": m["config"]}
+
+    def count(self, tokens: TokenKind = "all") -> int:
+        """How many tokens of a kind the store holds."""
+        return sum(_shard_count(s, tokens) for s in self.shards)
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({str(self.path)!r}, n_tokens={self.n_tokens}, d={self.manifest['d']}, shards={len(self.shards)})"
+
+    # --- shards ----------------------------------------------------------------------------
+    def load_shard(self, index: int, tokens: TokenKind = "all") -> dict[str, torch.Tensor]:
+        """One shard's tensors (acts in the stored dtype), checked for NaN/inf, filtered by token kind."""
+        from safetensors.torch import load_file
+
+        path = self.path / self.shards[index]["file"]
+        try:
+            tensors = load_file(str(path))
+        except FileNotFoundError as e:
+            raise MmsaeError(f"shard {path} is missing; the store is incomplete, harvest again into a new folder") from e
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise MmsaeError(f"shard {path} cannot be read ({e}); delete the store and harvest again") from e
+        if not torch.isfinite(tensors["acts"]).all():
+            raise MmsaeError(f"shard {path} holds NaN or inf activations; delete it and its store and harvest again")
+        if tokens != "all":
+            keep = tensors["is_image"] if tokens == "image" else ~tensors["is_image"]
+            tensors = {k: v[keep] for k, v in tensors.items()}
+        return tensors
+
+    def iter_shards(self, tokens: TokenKind = "all") -> Iterator[dict[str, torch.Tensor]]:
+        """Every shard in store order: ``acts`` (stored dtype) and the metadata columns."""
+        for i in range(len(self.shards)):
+            yield self.load_shard(i, tokens)
+
+    def metadata(self, tokens: TokenKind = "all") -> dict[str, torch.Tensor]:
+        """The metadata columns (sample, pos, is_image, tile, row, col) of every token, in store order."""
+        from safetensors import safe_open
+
+        columns: dict[str, list[torch.Tensor]] = {k: [] for k in METADATA_KEYS}
+        for shard in self.shards:
+            with safe_open(str(self.path / shard["file"]), framework="pt") as f:
+                part = {k: f.get_tensor(k) for k in METADATA_KEYS}
+            if tokens != "all":
+                keep = part["is_image"] if tokens == "image" else ~part["is_image"]
+                part = {k: v[keep] for k, v in part.items()}
+            for k in METADATA_KEYS:
+                columns[k].append(part[k])
+        return {k: torch.cat(v) if v else torch.zeros(0) for k, v in columns.items()}
+
+    def load_all(self, tokens: TokenKind = "all") -> torch.Tensor:
+        """Every activation as one float32 [N, d] tensor (small stores: tests, quick evaluations)."""
+        parts = [s["acts"].float() for s in self.iter_shards(tokens)]
+        return torch.cat(parts) if parts else torch.zeros(0, self.d)
+
+    # --- training stream -------------------------------------------------------------------
+    def num_batches(self, batch_size: int, world: int = 1, tokens: TokenKind = "all", drop_last: bool = False) -> int:
+        """Batches per epoch (the same for every rank); see ``batches``."""
+        n, global_batch = self.count(tokens), batch_size * world
+        return n // global_batch if drop_last else math.ceil(n / global_batch)
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        epochs: int | None = 1,
+        start_batch: int = 0,
+        tokens: TokenKind = "all",
+        drop_last: bool = False,
+        shuffle_shards: int = 4,
+        device: str | torch.device | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Float32 [batch_size, d] batches; each epoch visits every kept token exactly once.
+
+        Memory holds at most ``shuffle_shards`` shards: each epoch the shard order is shuffled,
+        shards are taken ``shuffle_shards`` at a time and their tokens permuted together.
+        Everything is a function of ``seed``, so ``start_batch=n`` resumes the stream exactly
+        where a consumer that had taken ``n`` batches stopped (whole shards before it are not
+        read). For data-parallel training ``rank`` takes its slice of each global batch of
+        ``batch_size * world`` tokens; use ``drop_last=True`` there so ranks take equal steps.
+        ``epochs=None`` loops forever.
+        """
+        if batch_size < 1 or not 0 <= rank < world:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world (got {batch_size}, {rank}, {world})")
+        per_epoch = self.num_batches(batch_size, world, tokens, drop_last)
+        if per_epoch == 0:
+            return
+        epoch, offset = divmod(start_batch, per_epoch)
+        while epochs is None or epoch < epochs:
+            for batch in self._epoch_batches(epoch, offset, batch_size, world, rank, shuffle, seed, tokens,
+                                             drop_last, max(1, shuffle_shards)):
+                yield batch.to(device) if device is not None else batch
+            epoch, offset = epoch + 1, 0
+
+    def _epoch_batches(self, epoch, first_batch, batch_size, world, rank, shuffle, seed, tokens, drop_last, window):
+        global_batch = batch_size * world
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
+        if not shuffle:
+            window = 1
+        skip = first_batch * global_batch  # tokens of this epoch already consumed
+        carry: list[torch.Tensor] = []
+        carried = 0
+        for w, start in enumerate(range(0, len(order), window)):
+            members = order[start:start + window]
+            size = sum(_shard_count(self.shards[i], tokens) for i in members)
+            if skip >= size:  # wholly consumed before start_batch: not even read
+                skip -= size
+                continue
+            acts = torch.cat([self.load_shard(int(i), tokens)["acts"] for i in members])
+            if shuffle:
+                acts = acts[torch.from_numpy(np.random.default_rng([seed, epoch, w]).permutation(len(acts)))]
+            acts, skip = acts[skip:], 0
+            carry.append(acts)
+            carried += len(acts)
+            if carried < global_batch:
+                continue
+            pool = torch.cat(carry)
+            n_full = len(pool) // global_batch
+            for b in range(n_full):
+                yield pool[b * global_batch + rank * batch_size: b * global_batch + (rank + 1) * batch_size].float()
+            rest = pool[n_full * global_batch:]
+            carry, carried = [rest], len(rest)
+        if carried and not drop_last:
+            pool = torch.cat(carry)
+            part = torch.tensor_split(pool, world)[rank]  # the last, short global batch split evenly
+            if len(part):
+                yield part.float()
+
+
+def _shard_count(shard: dict, tokens: str) -> int:
+    if tokens == "all":
+        return shard["n_tokens"]
+    return shard["n_image_tokens"] if tokens == "image" else shard["n_tokens"] - shard["n_image_tokens"]
