@@ -1,1 +1,60 @@
 """Model adapters, one per family. ``load_adapter`` picks the family from the model's config."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+from ..errors import MmsaeError
+from .base import ModelAdapter, ModelInputs, Tile, TokenLayout, image_heatmap
+from .causal_lm import CausalLMAdapter
+from .llava import LlavaAdapter
+
+# config.model_type -> adapter class; the one place a family is chosen
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    "llava": LlavaAdapter,
+    "llama": CausalLMAdapter,
+    "mistral": CausalLMAdapter,
+    "qwen2": CausalLMAdapter,
+    "qwen3": CausalLMAdapter,
+    "gemma": CausalLMAdapter,
+    "gemma2": CausalLMAdapter,
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _adapter_class(model_type: str) -> type[ModelAdapter]:
+    if model_type not in ADAPTERS:
+        raise MmsaeError(f"model family {model_type!r} is not supported; supported model_type values: {', '.join(sorted(ADAPTERS))}")
+    return ADAPTERS[model_type]
+
+
+def load_adapter(model_id_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu", trust_remote_code: bool = False) -> ModelAdapter:
+    """Load a model and its processor by hub id or local path and wrap them in their family's adapter.
+
+    The family comes from the config's ``model_type``. The model is put in eval mode with
+    gradients off for its parameters.
+    """
+    torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(torch_dtype, torch.dtype):
+        raise MmsaeError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    try:
+        config = AutoConfig.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise MmsaeError(f"cannot read a model config from {model_id_or_path!r}: {str(err).splitlines()[0]}") from err
+    cls = _adapter_class(config.model_type)
+    model = cls.model_class.from_pretrained(model_id_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model.to(device).eval().requires_grad_(False)
+    if cls.has_vision:
+        processor = AutoProcessor.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+    else:
+        processor = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return cls(model, processor, str(model_id_or_path))
+
+
+__all__ = ["ADAPTERS", "ModelAdapter", "ModelInputs", "Tile", "TokenLayout", "image_heatmap", "load_adapter"]

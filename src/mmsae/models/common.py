@@ -1,0 +1,101 @@
+"""Input building shared by the families that use a chat template and a Hugging Face processor."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from ..errors import MmsaeError
+from .base import ModelAdapter, ModelInputs, TokenLayout
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def answer_mask_from_lengths(attention_mask: torch.Tensor, answer_lengths: list[int]) -> torch.Tensor:
+    """[B, T] mask of the last ``answer_lengths[i]`` tokens of each (left-padded) sequence."""
+    mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    seq_len = attention_mask.shape[1]
+    for i, n in enumerate(answer_lengths):
+        if n > 0:
+            mask[i, seq_len - n :] = True
+    return mask
+
+
+class ChatAdapter(ModelAdapter):
+    """build_inputs via the processor's chat template; subclasses give ``token_layouts``.
+
+    A chat template produces text that already holds the special tokens, so the text is
+    tokenized with ``add_special_tokens=False`` (as ``apply_chat_template`` itself does).
+    Without a chat template the prompt is used as is, after the family's image placeholder.
+    """
+
+    # token ids that belong to an image (patches, newlines, separators): never "text"
+    def image_token_ids(self) -> list[int]:
+        return [int(self.model.config.image_token_id)]
+
+    def image_placeholder(self) -> str:
+        return getattr(self.processor, "image_token", "<image>")
+
+    def _messages(self, prompt: str, has_image: bool, answer: str | None = None) -> list[dict]:
+        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
+        return [{"role": "user", "content": content}]
+
+    def format_prompt(self, prompt: str, has_image: bool, add_generation_prompt: bool = True) -> str:
+        """The prompt text after the chat template (with the image placeholder, not yet expanded)."""
+        if getattr(self.processor, "chat_template", None):
+            return self.processor.apply_chat_template(
+                self._messages(prompt, has_image), tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        return (self.image_placeholder() + "\n" if has_image else "") + prompt
+
+    def _uses_template(self) -> bool:
+        return bool(getattr(self.processor, "chat_template", None))
+
+    def _process(self, texts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        kwargs = dict(text=texts, padding=True, return_tensors="pt", add_special_tokens=not self._uses_template())
+        if images:
+            kwargs["images"] = images
+        return dict(self.processor(**kwargs))
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=not self._uses_template())["input_ids"])
+
+    def build_inputs(
+        self,
+        images: list[Image.Image | None] | None,
+        prompts: list[str],
+        answers: list[str] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> ModelInputs:
+        n = len(prompts)
+        images = list(images) if images is not None else [None] * n
+        if len(images) != n or (answers is not None and len(answers) != n):
+            raise MmsaeError(f"build_inputs got {len(images)} images, {n} prompts and {len(answers or [])} answers; give one of each per sequence")
+        if any(im is not None for im in images) and not self.has_vision:
+            raise MmsaeError(f"{self.model_id} is a text-only model ({self.family}); pass no images")
+        self.tokenizer.padding_side = "left"
+        prefixes = [self.format_prompt(p, im is not None, add_generation_prompt) for p, im in zip(prompts, images)]
+        texts = [p + a for p, a in zip(prefixes, answers)] if answers is not None else prefixes
+        batch = self._process(texts, [rgb(im) for im in images if im is not None])
+        batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                batch[k] = v.to(self.dtype)
+        answer_mask = None
+        if answers is not None:
+            lengths = [self._count_tokens(t) - self._count_tokens(p) for t, p in zip(texts, prefixes)]
+            answer_mask = answer_mask_from_lengths(batch["attention_mask"], lengths)
+        sizes = [im.size if im is not None else None for im in images]
+        return ModelInputs(inputs=batch, layouts=self.token_layouts(batch, sizes), answer_mask=answer_mask)
+
+    # --- helpers for token_layouts ------------------------------------------------------------
+    def text_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Non-padding positions that are not image placeholders, for one sequence."""
+        is_image = torch.isin(input_ids, torch.tensor(self.image_token_ids(), device=input_ids.device))
+        return torch.nonzero(attention_mask.bool() & ~is_image).flatten().cpu()
+
+    def empty_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenLayout:
+        z = torch.zeros(0, dtype=torch.long)
+        return TokenLayout(z, z, z, z, [], None, self.text_positions(input_ids, attention_mask))

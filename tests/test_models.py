@@ -1,0 +1,206 @@
+"""Adapters on every family: loading, input building, image-token geometry, heat-maps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmsae.errors import MmsaeError
+from mmsae.models import ADAPTERS, image_heatmap, load_adapter
+from mmsae.models.base import Tile, TokenLayout
+from tiny_models import FAMILIES, tiny_adapter, tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+VISION = [f for f in FAMILIES if f != "llama"]
+
+
+def square_image(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    """A black image with one white rectangle at ``box`` (x0, y0, x1, y1)."""
+    array = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    array[y0:y1, x0:x1] = 255
+    return Image.fromarray(array)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def test_unknown_family_names_model_type_and_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(MmsaeError) as err:
+        load_adapter(str(tmp_path))
+    message = str(err.value)
+    assert "'bert'" in message and "llava" in message and "\n" not in message
+
+
+def test_missing_model_is_one_line_error(tmp_path):
+    with pytest.raises(MmsaeError, match="cannot read a model config"):
+        load_adapter(str(tmp_path / "nothing-here"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_picks_family_and_checks_layers(family):
+    adapter = tiny_adapter(family)
+    config = json.loads((Path(tiny_model(family)) / "config.json").read_text())
+    assert isinstance(adapter, ADAPTERS[config["model_type"]])
+    assert not adapter.model.training
+    assert all(not p.requires_grad for p in adapter.model.parameters())
+    assert adapter.num_layers == 3 and adapter.hidden_size == 32
+    assert adapter.layer_module(2) is adapter.decoder_layers()[2]
+    for bad in (-1, 3, 100):
+        with pytest.raises(MmsaeError, match="out of range"):
+            adapter.check_layer(bad)
+
+
+def test_load_dtype():
+    adapter = load_adapter(tiny_model("llama"), dtype="bfloat16")
+    assert adapter.dtype == torch.bfloat16
+    with pytest.raises(MmsaeError, match="dtype"):
+        load_adapter(tiny_model("llama"), dtype="int3")
+
+
+# --- inputs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_build_inputs_left_pads_and_marks_answers(family):
+    adapter = tiny_adapter(family)
+    images = [square_image((40, 30), (5, 5, 15, 15)), square_image((24, 50), (0, 0, 8, 8))] if adapter.has_vision else None
+    answers = ["A white square.", "no"]
+    batch = adapter.build_inputs(images, ["Describe it.", "Is there a tree in this image?"], answers=answers)
+    ids, mask = batch.input_ids, batch.attention_mask
+    # left padding: every row ends with a real token, padding only at the start
+    assert mask[:, -1].all()
+    for row in mask:
+        first = int(torch.nonzero(row)[0])
+        assert row[first:].all() and not row[:first].any()
+    tokenizer = adapter.tokenizer
+    for i, answer in enumerate(answers):
+        assert tokenizer.decode(ids[i][batch.answer_mask[i]]) == answer
+    # no answers: no mask, and the prompt ends with the generation prompt
+    plain = adapter.build_inputs(images, ["Describe it.", "Is there a tree in this image?"])
+    assert plain.answer_mask is None
+    assert plain.input_ids.shape[1] < ids.shape[1]
+
+
+def test_text_only_model_refuses_images():
+    adapter = tiny_adapter("llama")
+    with pytest.raises(MmsaeError, match="text-only"):
+        adapter.build_inputs([Image.new("RGB", (8, 8))], ["hi"])
+
+
+# --- geometry ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", VISION)
+def test_layout_agrees_with_processor(family):
+    adapter = tiny_adapter(family)
+    images = [square_image((40, 30), (5, 5, 15, 15)), None, square_image((24, 50), (0, 0, 8, 8))]
+    batch = adapter.build_inputs(images, ["a", "text only, longer", "b"])
+    ids, mask = batch.input_ids, batch.attention_mask
+    placeholder_ids = torch.tensor(adapter.image_token_ids())
+    for i, layout in enumerate(batch.layouts):
+        is_placeholder = torch.isin(ids[i], placeholder_ids)
+        if images[i] is None:
+            assert layout.positions.numel() == 0 and layout.image_size is None
+            assert not is_placeholder.any()
+        else:
+            assert layout.image_size == images[i].size
+            # every patch token is an image token of the processor's own expansion
+            assert is_placeholder[layout.positions].all()
+            assert torch.equal(layout.positions, layout.positions.unique())
+            # each tile's grid is filled exactly once
+            assert sum(t.rows * t.cols for t in layout.tiles) == layout.positions.numel()
+            cells = layout.tile * 10_000 + layout.row * 100 + layout.col
+            assert cells.unique().numel() == cells.numel()
+            for t, tile in enumerate(layout.tiles):
+                sel = layout.tile == t
+                assert sel.sum() == tile.rows * tile.cols
+                assert layout.row[sel].max() == tile.rows - 1 and layout.col[sel].max() == tile.cols - 1
+        # text positions: real tokens that are not image placeholders
+        expected_text = torch.nonzero(mask[i].bool() & ~is_placeholder).flatten()
+        assert torch.equal(layout.text_positions, expected_text)
+
+
+def test_llava_positions_are_exactly_the_image_tokens():
+    adapter = tiny_adapter("llava")
+    batch = adapter.build_inputs([square_image((40, 30), (0, 0, 4, 4))], ["hello"])
+    ids = batch.input_ids[0]
+    expected = torch.nonzero(ids == adapter.model.config.image_token_id).flatten()
+    assert torch.equal(batch.layouts[0].positions, expected)
+    assert batch.layouts[0].tiles[0].rows == batch.inputs["pixel_values"].shape[-2] // adapter.model.config.vision_config.patch_size
+
+
+def patch_means(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """[C, H, W] processed pixels -> [H / patch, W / patch] mean brightness per patch."""
+    grey = pixels.float().mean(0)
+    rows, cols = grey.shape[0] // patch, grey.shape[1] // patch
+    return grey[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch).mean((1, 3))
+
+
+def brightness_llava(adapter, batch, i):
+    grid = patch_means(batch.inputs["pixel_values"][i], adapter.model.config.vision_config.patch_size)
+    layout = batch.layouts[i]
+    return grid[layout.row, layout.col]
+
+
+# per family: the brightness of each layout token's patch, read from the processor's pixel_values
+PATCH_BRIGHTNESS = {
+    "llava": brightness_llava,
+}
+
+
+@pytest.mark.parametrize("family", VISION)
+@pytest.mark.parametrize("size", [(64, 48), (36, 72)])
+def test_heatmap_sends_marked_patch_to_the_white_square(family, size):
+    """Mark the token whose processed patch is brightest; its heat lands on the white square."""
+    adapter = tiny_adapter(family)
+    w, h = size
+    box = (w // 2, h // 4, w // 2 + w // 4, h // 2)  # a white quarter-size block
+    image = square_image(size, box)
+    batch = adapter.build_inputs([image], ["where?"])
+    layout = batch.layouts[0]
+    brightness = PATCH_BRIGHTNESS[family](adapter, batch, 0).numpy()  # one value per layout token
+    marked = np.zeros(layout.num_image_tokens, dtype=np.float32)
+    marked[int(np.argmax(brightness))] = 1.0
+    heat = image_heatmap(layout, marked)
+    assert heat.shape == (h, w) and heat.dtype == np.float32
+    ys, xs = np.nonzero(heat)
+    assert len(ys) > 0
+    # the marked region lies on the white block (its centre inside the block, +- one pixel)
+    cx, cy = xs.mean(), ys.mean()
+    assert box[0] - 1 <= cx <= box[2] + 1 and box[1] - 1 <= cy <= box[3] + 1
+    assert heat[int(cy), int(cx)] == 1.0
+
+
+def test_heatmap_paints_cells_and_combines_tiles():
+    # two tiles over a 10 x 6 image: the whole image 2x2, and the right half 1x1
+    layout = TokenLayout(
+        positions=torch.arange(5),
+        tile=torch.tensor([0, 0, 0, 0, 1]),
+        row=torch.tensor([0, 0, 1, 1, 0]),
+        col=torch.tensor([0, 1, 0, 1, 0]),
+        tiles=[Tile((0, 0, 10, 6), 2, 2), Tile((5, 0, 10, 6), 1, 1)],
+        image_size=(10, 6),
+    )
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 3.0])
+    heat = image_heatmap(layout, values, combine="max")
+    expected = np.zeros((6, 10), dtype=np.float32)
+    expected[:3, :5], expected[:3, 5:], expected[3:, :5], expected[3:, 5:] = 1, 3, 3, 4
+    np.testing.assert_array_equal(heat, expected)
+    mean = image_heatmap(layout, values, combine="mean")
+    expected[:3, 5:], expected[3:, 5:] = 2.5, 3.5
+    np.testing.assert_array_equal(mean, expected)
+    # a box reaching outside the image (padding) paints only the pixels inside it
+    padded = TokenLayout(torch.arange(2), torch.zeros(2, dtype=torch.long), torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long), [Tile((0, -3, 10, 9), 2, 1)], (10, 6))
+    heat = image_heatmap(padded, np.array([1.0, 2.0]))
+    np.testing.assert_array_equal(heat[:3], 1.0)
+    np.testing.assert_array_equal(heat[3:], 2.0)
+    with pytest.raises(MmsaeError):
+        image_heatmap(layout, np.zeros(3))

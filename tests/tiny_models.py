@@ -1,0 +1,192 @@
+"""Tiny models of every supported family, built offline from transformers configs.
+
+``make_tiny_model(family, path)`` writes a randomly initialised model (a few hundred thousand
+parameters at most) and its processor into ``path/family`` with ``save_pretrained`` and returns
+that folder, which ``mmsae.models.load_adapter`` loads like a hub id. The tokenizer is a
+byte-level BPE with no merges (every byte one token) plus the family's special tokens, so any
+text round-trips; the image processor is the family's own class with small sizes.
+
+Building is deterministic (fixed seed) and cached per folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+HIDDEN = 32
+TEXT_LAYERS = 3
+BASE_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def chat_template(image_text: str) -> str:
+    """A minimal chat template; ``image_text`` is what an image entry of a message becomes."""
+    return (
+        "{% for m in messages %}<|{{ m['role'] }}|>"
+        "{% if m['content'] is string %}{{ m['content'] }}"
+        "{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}" + image_text + "{% else %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+
+
+def make_tokenizer(extra_specials: list[str], extra_special_tokens: dict[str, str] | None = None, **kwargs):
+    """A byte-level tokenizer: ids 0.. are the special tokens, then the 256 byte symbols."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = BASE_SPECIALS + [t for t in extra_specials if t not in BASE_SPECIALS]
+    byte_symbols = list(pre_tokenizers.ByteLevel.alphabet())
+    byte_symbols.sort()
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for sym in byte_symbols:
+        vocab[sym] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens=extra_special_tokens or {},
+        **kwargs,
+    )
+
+
+def llama_text_config(vocab_size: int, **kwargs):
+    from transformers import LlamaConfig
+
+    base = dict(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    base.update(kwargs)
+    return LlamaConfig(**base)
+
+
+def clip_vision_config(image_size: int, patch_size: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=HIDDEN,
+    )
+
+
+def _build_llama(out: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    tokenizer = make_tokenizer([])
+    tokenizer.chat_template = chat_template("")
+    model = LlamaForCausalLM(llama_text_config(len(tokenizer)))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_llava(out: Path) -> None:
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer = make_tokenizer(["<image>"], {"image_token": "<image>"})
+    image_size, patch = 32, 8
+    config = LlavaConfig(
+        vision_config=clip_vision_config(image_size, patch),
+        text_config=llama_text_config(len(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template("<image>\n"),
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+BUILDERS = {
+    "llama": _build_llama,
+    "llava": _build_llava,
+}
+FAMILIES = tuple(BUILDERS)
+
+
+@functools.lru_cache(maxsize=None)
+def _make(family: str, path: str) -> str:
+    if family not in BUILDERS:
+        raise ValueError(f"unknown tiny model family {family!r}; known: {', '.join(BUILDERS)}")
+    out = Path(path) / family
+    if (out / "config.json").exists():
+        return str(out)
+    # build next to the target and rename: concurrent test processes never see half a model
+    tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=path))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BUILDERS[family](tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def make_tiny_model(family: str, path: str | os.PathLike) -> str:
+    """Build (once per folder) a tiny ``family`` model with its processor under ``path/family``."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return _make(family, str(Path(path).resolve()))
+
+
+def default_cache_dir() -> Path:
+    """A per-user folder keyed by this file's source and the transformers version.
+
+    Set MMSAE_TINY_MODELS to choose another folder.
+    """
+    import transformers
+
+    if os.environ.get("MMSAE_TINY_MODELS"):
+        return Path(os.environ["MMSAE_TINY_MODELS"])
+    key = hashlib.sha256((Path(__file__).read_text() + transformers.__version__).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"mmsae-tiny-models-{os.getuid()}-{key}"
+
+
+def tiny_model(family: str) -> str:
+    """The folder of the tiny ``family`` model in the shared cache (built on first use)."""
+    return make_tiny_model(family, default_cache_dir())
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_adapter(family: str):
+    """The tiny ``family`` model loaded through ``load_adapter`` (one instance per process)."""
+    from mmsae.models import load_adapter
+
+    return load_adapter(tiny_model(family))
