@@ -1,0 +1,124 @@
+"""The static feature dashboard and run report (``mmsae dashboard``).
+
+``build_dashboard(DashboardConfig(run=RUN))`` reads whatever the run folder holds (SAE config and
+training log, metrics, feature index, explanations, scores, steering, attribution), writes a
+static site to ``RUN/site`` and returns the path of its ``index.html``. The site opens from disk
+(file://) with no server: data lives in small ``.js`` files loaded by ``<script>`` elements, so
+neither ``fetch`` nor a server is needed; ``serve=True`` also serves it on 127.0.0.1.
+
+Site layout::
+
+    index.html          feature list: search, sort, filter, paginated, chunks loaded on demand
+    feature.html#F      one feature: explanation, scores vs baselines, histogram, top images
+                        (raw / overlay / mask), top tokens in context, steering examples
+    report.html         run report: model, layer, SAE config, training curves, metrics,
+                        the paper-style score table, steering and attribution
+    assets/             the site's own JavaScript and CSS (no CDN, nothing from the network)
+    data/meta.js        run summary; data/list/NNNNN.js the list chunks; data/f/BBB/F.js features
+    img/ plots/         JPEG thumbnails, heat-map overlays and masks; report figures
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import MmsaeError
+from ..io import ensure_dir, write_text
+from .features import write_features, write_list, list_rows
+from .pages import copy_assets, write_feature_page, write_index_page, write_report
+from .rundata import load_run
+from .safe import js_put
+
+SITE_MARKER = ".mmsae-site"
+
+
+@dataclass
+class DashboardConfig:
+    run: str = field(metadata={"help": "run folder (what `mmsae demo` or the stages wrote)"})
+    out: str | None = field(default=None, metadata={"help": "site folder (default: RUN/site)"})
+    sae: str | None = field(default=None, metadata={"help": "SAE folder (default: RUN/sae)"})
+    serve: bool = field(default=False, metadata={"help": "after building, serve the site on 127.0.0.1 until Ctrl-C"})
+    port: int = field(default=8000, metadata={"help": "port for --serve (0 picks a free one)"})
+    max_features: int | None = field(default=None, metadata={
+        "help": "write pages for at most this many features, best first (default: every live or explained feature); "
+                "the list always holds all"})
+    n_images: int = field(default=5, metadata={"help": "top images shown per feature"})
+    thumb_size: int = field(default=224, metadata={"help": "longest side of the image thumbnails, in pixels"})
+    chunk_size: int = field(default=1000, metadata={"help": "features per list chunk file"})
+    page_size: int = field(default=50, metadata={"help": "features per page of the list"})
+    dense_threshold: float = field(default=0.1, metadata={"help": "a feature firing more often than this is dense"})
+    title: str | None = field(default=None, metadata={"help": "site title (default: the run folder's name)"})
+
+
+def _prepare(site: Path) -> None:
+    """Start from a clean site folder, but only ever delete a folder this function made."""
+    if site.exists() and any(site.iterdir()):
+        if not (site / SITE_MARKER).exists():
+            raise MmsaeError(f"{site} exists and is not a dashboard folder; pass an empty or new --out")
+        for sub in ("data", "img", "plots", "assets"):
+            shutil.rmtree(site / sub, ignore_errors=True)
+    ensure_dir(site)
+    (site / SITE_MARKER).write_text("made by mmsae dashboard; the folder is rebuilt on each run\n")
+
+
+def build_dashboard(cfg: DashboardConfig) -> Path:
+    """Build the site from ``cfg.run``; returns the path of its index.html (and prints both pages)."""
+    if cfg.chunk_size < 1 or cfg.page_size < 1 or cfg.n_images < 0 or cfg.thumb_size < 16:
+        raise MmsaeError("--chunk-size and --page-size must be >= 1, --n-images >= 0 and --thumb-size >= 16")
+    data = load_run(cfg.run, cfg.sae)
+    site = Path(cfg.out) if cfg.out else Path(cfg.run) / "site"
+    _prepare(site)
+    title = cfg.title or Path(cfg.run).resolve().name
+
+    rows, facts = list_rows(data, cfg.dense_threshold)
+    pages = write_features(site, data, rows, cfg.max_features, cfg.n_images, cfg.thumb_size)
+    n_chunks = write_list(site, rows, cfg.chunk_size)
+    meta = {
+        "title": title, "model": data.model, "layer": data.layer, "hook_point": data.hook_point,
+        "num_latents": data.num_latents, "n_rows": len(rows), "n_live": len(rows) - facts["n_dead"],
+        "n_chunks": n_chunks, "chunk_size": cfg.chunk_size, "page_size": cfg.page_size,
+        "n_feature_pages": len(pages), "dense_threshold": cfg.dense_threshold,
+        "missing": data.missing, "problems": data.problems, **facts,
+    }
+    write_text(site / "data" / "meta.js", js_put("meta", meta))
+    copy_assets(site)
+    write_index_page(site, title)
+    write_feature_page(site, title)
+    write_report(site, data, facts, title, pages)
+    index = site / "index.html"
+    print(f"dashboard: {index.resolve()}")
+    print(f"run report: {(site / 'report.html').resolve()}")
+    if cfg.serve:
+        serve(site, cfg.port)
+    return index
+
+
+def make_server(site: Path, port: int = 8000) -> http.server.ThreadingHTTPServer:
+    """An HTTP server for ``site`` bound to 127.0.0.1 only (call ``serve_forever`` on it)."""
+    handler = functools.partial(_QuietHandler, directory=str(site))
+    try:
+        return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError as e:
+        raise MmsaeError(f"cannot serve on 127.0.0.1:{port} ({e.strerror}); pass another --port (0 picks a free one)") from e
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        pass
+
+
+def serve(site: Path, port: int = 8000) -> None:
+    """Serve ``site`` on 127.0.0.1 until interrupted."""
+    with make_server(site, port) as server:
+        print(f"serving http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+
+
+__all__ = ["DashboardConfig", "build_dashboard", "make_server", "serve"]

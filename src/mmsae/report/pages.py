@@ -1,0 +1,295 @@
+"""The HTML pages: the feature list and feature view shells (filled by assets/app.js from the
+data files) and the run report, written here as static HTML. Every value is escaped."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..io import write_text
+from . import plots
+from .features import steered_features
+from .rundata import RunData
+from .safe import esc
+from .tables import paper_table
+
+ASSETS = Path(__file__).parent / "assets"
+MAX_TABLE_ROWS = 50
+
+
+def fmt(v: Any) -> str:
+    """A number with 4 significant digits, anything else as text (not yet escaped)."""
+    if isinstance(v, bool) or v is None:
+        return "" if v is None else str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def page(title: str, body: str, nav_active: str, scripts: list[str] = ()) -> str:
+    nav = "".join(
+        f'<a href="{href}"{" class=active" if key == nav_active else ""}>{label}</a>'
+        for key, href, label in (("index", "index.html", "Features"), ("report", "report.html", "Run report"))
+    )
+    script_tags = "".join(f'<script src="{esc(s)}"></script>' for s in scripts)
+    return (
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width,initial-scale=1'>"
+        # Only this site's own files may load; nothing from the network, no inline script.
+        "<meta http-equiv=Content-Security-Policy content=\"default-src 'self'; img-src 'self' data:; "
+        "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'\">"
+        f"<title>{esc(title)}</title><link rel=stylesheet href=assets/style.css></head>"
+        f"<body><header><span class=brand>mmsae</span><nav>{nav}</nav></header><main>{body}</main>"
+        f"{script_tags}</body></html>\n"
+    )
+
+
+def copy_assets(site: Path) -> None:
+    dest = site / "assets"
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ASSETS.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, dest / f.name)
+
+
+def write_index_page(site: Path, title: str) -> None:
+    body = (
+        f"<h1 id=title>{esc(title)}</h1><div id=summary class=muted></div><div id=missing></div>"
+        "<div class=controls>"
+        "<input id=search type=search placeholder='search explanations, concepts, categories or #feature' aria-label=search>"
+        "<label>sort <select id=sort aria-label=sort></select></label>"
+        "<label>category <select id=category aria-label=category><option value=''>all</option></select></label>"
+        "<label><input id=hide-dead type=checkbox checked> hide dead</label>"
+        "<label><input id=hide-dense type=checkbox> hide dense</label>"
+        "</div><div id=status class=muted></div>"
+        "<table id=features class=features><thead><tr><th>#</th><th>explanation</th><th>category</th>"
+        "<th id=score-heads>scores</th><th>frequency</th><th>max act.</th></tr></thead><tbody></tbody></table>"
+        "<div id=pager class=pager></div>"
+    )
+    write_text(site / "index.html", page(title, body, "index", ["assets/app.js", "data/meta.js", "assets/index.js"]))
+
+
+def write_feature_page(site: Path, title: str) -> None:
+    body = (
+        "<div class=featnav><a id=prev href=#>&larr; previous</a> <a href=index.html>all features</a> "
+        "<a id=next href=#>next &rarr;</a></div>"
+        "<h1 id=title>feature</h1><div id=feature></div>"
+    )
+    write_text(site / "feature.html", page(title, body, "index", ["assets/app.js", "data/meta.js", "assets/feature.js"]))
+
+
+# --- the run report --------------------------------------------------------------------------
+
+def kv_table(d: dict, keys: list[str] | None = None) -> str:
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{render_value(d[k])}</td></tr>" for k in (keys or list(d)) if k in d)
+    return f"<table class=kv>{rows}</table>"
+
+
+def render_value(v: Any, depth: int = 0) -> str:
+    """Any JSON value as escaped HTML: tables for dicts and lists of dicts, text otherwise."""
+    if isinstance(v, dict):
+        if depth > 2:
+            return f"<code>{esc(fmt(v))}</code>"
+        return kv_table(v) if not v or depth < 2 else "<code>" + esc(", ".join(f"{k}: {fmt(x)}" for k, x in v.items())) + "</code>"
+    if isinstance(v, list):
+        if v and all(isinstance(x, dict) for x in v):
+            return rows_table(v, depth + 1)
+        if len(v) > 24 and all(isinstance(x, (int, float)) for x in v):
+            return f"<code>[{esc(', '.join(fmt(x) for x in v[:24]))}, … {len(v)} values]</code>"
+        return "<code>" + esc("[" + ", ".join(fmt(x) for x in v) + "]") + "</code>"
+    if isinstance(v, str) and (len(v) > 80 or "\n" in v):
+        return f"<div class=text>{esc(v)}</div>"
+    return esc(fmt(v))
+
+
+def rows_table(rows: list[dict], depth: int = 0) -> str:
+    keys: list[str] = []
+    for r in rows[:MAX_TABLE_ROWS]:
+        keys += [k for k in r if k not in keys]
+    head = "".join(f"<th>{esc(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{render_value(r.get(k), depth + 1) if k in r else ''}</td>" for k in keys) + "</tr>"
+                   for r in rows[:MAX_TABLE_ROWS])
+    more = f"<p class=muted>{len(rows) - MAX_TABLE_ROWS} more rows not shown</p>" if len(rows) > MAX_TABLE_ROWS else ""
+    return f"<div class=scroll><table class=rows><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{more}"
+
+
+def _find_histogram(d: Any, path: str = "") -> list[tuple[str, dict]]:
+    """Histograms (``{"counts": [...], "edges": [...]}``) anywhere in the metrics."""
+    found = []
+    if isinstance(d, dict):
+        if isinstance(d.get("counts"), list) and isinstance(d.get("edges"), list) and len(d["edges"]) == len(d["counts"]) + 1:
+            return [(path, d)]
+        for k, v in d.items():
+            found += _find_histogram(v, f"{path}.{k}" if path else str(k))
+    return found
+
+
+def _metrics_section(metrics: dict, site: Path) -> str:
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+    groups = {k: v for k, v in metrics.items() if isinstance(v, dict) and not _find_histogram(v)}
+    html = kv_table(scalars) if scalars else ""
+    # by token type (image / text / all ...): one column per group, one row per metric
+    flat = {g: v for g, v in groups.items() if all(not isinstance(x, (dict, list)) for x in v.values())}
+    if flat:
+        names: list[str] = []
+        for v in flat.values():
+            names += [k for k in v if k not in names]
+        head = "".join(f"<th>{esc(g)}</th>" for g in flat)
+        body = "".join(f"<tr><th>{esc(n)}</th>" + "".join(f"<td>{esc(fmt(flat[g].get(n)))}</td>" for g in flat) + "</tr>" for n in names)
+        html += f"<table class=rows><thead><tr><th>metric</th>{head}</tr></thead><tbody>{body}</tbody></table>"
+    rest = {k: v for k, v in metrics.items() if isinstance(v, (dict, list)) and k not in flat and not _find_histogram(v)}
+    if rest:
+        html += kv_table(rest)
+    for i, (name, hist) in enumerate(_find_histogram(metrics)):
+        rel = f"plots/metrics-hist-{i}.png"
+        plots.histogram(hist["counts"], hist["edges"], site / rel, title=name, xlabel=name.split(".")[-1])
+        html += f"<figure><img src={rel} alt='{esc(name)}'><figcaption>{esc(name)}</figcaption></figure>"
+    return html
+
+
+def _scores_section(data: RunData, site: Path) -> str:
+    means, columns, counts = paper_table(data.scores, data.explanations)
+    if not means:
+        return "<p class=muted>scores.jsonl has no numeric scores.</p>"
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    body = ""
+    for scorer, by in means.items():
+        for j, (baseline, cells) in enumerate(by.items()):
+            label = "explanation" if baseline == "none" else f"baseline: {baseline}"
+            cls = " class=group" if j == 0 else ""
+            body += (f"<tr{cls}><th>{esc(scorer) if j == 0 else ''}</th><td>{esc(label)}</td>"
+                     + "".join(f"<td title='n = {counts[scorer][baseline].get(c, 0)}'>{esc(fmt(cells.get(c))) if c in cells else '–'}</td>"
+                               for c in columns) + "</tr>")
+    html = (f"<table class='rows paper'><thead><tr><th>score</th><th></th>{head}</tr></thead><tbody>{body}</tbody></table>"
+            "<p class=muted>Mean over features (hover a cell for the count); each row of a scorer: the explanations, then "
+            "the same score under each baseline, as in the paper's Table 1.</p>")
+    plots.score_bars(means, columns, site / "plots/scores.png")
+    html += "<figure><img src=plots/scores.png alt='scores by category'></figure>"
+    if data.scores_md:
+        html += f"<details><summary>scores.md</summary><pre>{esc(data.scores_md)}</pre></details>"
+    return html
+
+
+def _copy_figure(src: Path, site: Path, name: str, caption: str) -> str:
+    """Copy one of the run's own figures next to the report and show it."""
+    if not src.is_file() or src.suffix.lower() not in (".png", ".jpg", ".jpeg", ".svg"):
+        return ""
+    rel = f"plots/{name}{src.suffix.lower()}"
+    (site / "plots").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, site / rel)
+    return f"<figure><img src='{esc(rel)}' alt='{esc(caption)}'><figcaption>{esc(caption)}</figcaption></figure>"
+
+
+def _feature_links(features: list[int], pages: set[int]) -> str:
+    return ", ".join(f"<a href='feature.html#{f}'>#{f}</a>" if f in pages else f"#{f}" for f in features)
+
+
+def _steering_section(data: RunData, site: Path, pages: set[int]) -> str:
+    body = ""
+    for r in data.steering[:MAX_TABLE_ROWS]:
+        ivs = [iv for iv in r.get("interventions") or [] if isinstance(iv, dict)]
+        how = "; ".join(f"{iv.get('mode', '')} {fmt(iv.get('value'))}" for iv in ivs)
+        body += (f"<tr><td>{_feature_links(steered_features(r), pages)}<div class=muted>{esc(how)}"
+                 f"{' · span ' + esc(r['span']) if r.get('span') else ''}</div></td>"
+                 f"<td class=text>{esc(r.get('prompt', ''))}</td><td class=text>{esc(r.get('clean', ''))}</td>"
+                 f"<td class=text>{esc(r.get('steered', ''))}</td></tr>")
+    html = ("<div class=scroll><table class=rows><thead><tr><th>features</th><th>prompt</th><th>clean output</th>"
+            f"<th>steered output</th></tr></thead><tbody>{body}</tbody></table></div>")
+    if len(data.steering) > MAX_TABLE_ROWS:
+        html += f"<p class=muted>{len(data.steering) - MAX_TABLE_ROWS} more rows in steering.jsonl</p>"
+    sweep = data.steering_dir / "sweep.json" if data.steering_dir else None
+    if sweep is not None and sweep.exists():
+        html += "<h3>sweep</h3>" + _copy_figure(data.steering_dir / "sweep.png", site, "steering-sweep", "steering sweep")
+        try:
+            sweep_data = json.loads(sweep.read_text(encoding="utf-8"))
+            html += render_value({k: v for k, v in sweep_data.items() if k != "rows"}) + rows_table(sweep_data.get("rows") or [])
+        except (OSError, ValueError, AttributeError):
+            html += "<p class=muted>sweep.json could not be read</p>"
+    return html
+
+
+def _attribution_section(data: RunData, site: Path, pages: set[int]) -> str:
+    att = data.attribution
+    if not isinstance(att, dict):
+        return render_value(att)
+    keys = ["prompt", "answer", "contrast", "objective_kind", "objective", "layer", "image"]
+    html = kv_table(att, keys)
+    for name, rel in (att.get("heatmaps") or {}).items():
+        if isinstance(rel, str) and "/" not in rel and "\\" not in rel:
+            label = "all features" if name == "all" else f"feature {name}"
+            html += _copy_figure(data.attribution_dir / rel, site, f"attribution-{_slug(name)}", f"attribution over the image: {label}")
+    top = [r for r in att.get("top_features") or [] if isinstance(r, dict)]
+    if top:
+        cols = [k for k in ("attribution", "image", "text") if any(k in r for r in top)]
+        head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+        body = "".join(f"<tr><td>{_feature_links([r['feature']], pages) if isinstance(r.get('feature'), int) else esc(r.get('feature'))}"
+                       f" <span class=muted>{esc(_explanation_text(data, r.get('feature')))}</span></td>"
+                       + "".join(f"<td class=num>{esc(fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in top[:25])
+        html += f"<h3>top features</h3><table class=rows><thead><tr><th>feature</th>{head}</tr></thead><tbody>{body}</tbody></table>"
+    tokens = [t for t in att.get("text_tokens") or [] if isinstance(t, dict)]
+    if tokens:
+        vals = [abs(t.get("attribution") or 0.0) for t in tokens]
+        scale = max(vals) or 1.0
+        spans = "".join(
+            f"<span class='tok {'pos' if (t.get('attribution') or 0) >= 0 else 'neg'} a{min(4, int(4 * abs(t.get('attribution') or 0) / scale + 0.5))}'"
+            f" title='{esc(fmt(t.get('attribution')))}'>{esc(t.get('token', ''))}</span>" for t in tokens)
+        html += f"<h3>attribution over the prompt's tokens</h3><p class=tokens>{spans}</p>"
+    check = att.get("ablation_check")
+    if isinstance(check, dict):
+        html += "<h3>check against ablation</h3>" + kv_table({k: v for k, v in check.items() if k != "features"})
+        if check.get("features"):
+            html += rows_table(check["features"])
+    rest = {k: v for k, v in att.items() if k not in set(keys) | {"heatmaps", "top_features", "text_tokens", "ablation_check",
+                                                                 "image_patches"}}
+    if rest:
+        html += "<h3>other fields</h3>" + kv_table(rest)
+    return html
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(value))[:60]
+
+
+def _explanation_text(data: RunData, feature: Any) -> str:
+    exp = data.explanations.get(feature) if isinstance(feature, int) else None
+    text = str((exp or {}).get("explanation") or "")
+    return text[:90] + ("…" if len(text) > 90 else "")
+
+
+def write_report(site: Path, data: RunData, facts: dict, title: str, pages: set[int]) -> None:
+    """The run report; ``pages`` are the features that have a page (for links)."""
+    sections = []
+    run_info = {
+        "run folder": str(data.run.resolve()),
+        "model": data.model, "layer": data.layer, "hook point": data.hook_point,
+        "latents": data.num_latents,
+        "features explained": facts.get("n_explained"),
+        "dead features (in the index)": facts.get("n_dead") if facts.get("has_index") else None,
+        "built": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    sections.append(("Run", kv_table({k: v for k, v in run_info.items() if v is not None})))
+    if data.missing or data.problems:
+        items = "".join(f"<li>{esc(m)}</li>" for m in data.missing + data.problems)
+        sections.append(("Not in this run", f"<ul class=missing>{items}</ul>"))
+    if data.sae_cfg:
+        sections.append(("SAE configuration", kv_table(data.sae_cfg)))
+    if data.train_log:
+        curves = plots.training_curves(data.train_log, site / "plots/training.png")
+        html = "<figure><img src=plots/training.png alt='training curves'></figure>" if curves else ""
+        html += "<h3>last logged step</h3>" + kv_table(data.train_log[-1])
+        sections.append(("Training", html))
+    if data.metrics:
+        sections.append(("Evaluation", _metrics_section(data.metrics, site)))
+    if data.scores:
+        sections.append(("Explanation scores", _scores_section(data, site)))
+    if data.steering:
+        sections.append(("Steering", _steering_section(data, site, pages)))
+    if data.attribution is not None:
+        sections.append(("Attribution", _attribution_section(data, site, pages)))
+    body = f"<h1>{esc(title)}</h1><p class=muted>Run report</p>" + "".join(
+        f"<section><h2>{esc(name)}</h2>{html}</section>" for name, html in sections)
+    write_text(site / "report.html", page(f"{title}: run report", body, "report"))

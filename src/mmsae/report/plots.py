@@ -1,0 +1,86 @@
+"""Matplotlib figures for the run report, written as small PNG files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..io import atomic_path  # noqa: E402
+
+CURVES = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction")]
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=96, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def training_curves(log: list[dict], path: Path) -> list[str]:
+    """Loss, FVU, L0 and dead fraction against the step; returns the curves that had data."""
+    present = [(key, title) for key, title in CURVES if any(_number(r.get(key)) is not None for r in log)]
+    if not present:
+        return []
+    fig, axes = plt.subplots(1, len(present), figsize=(3.4 * len(present), 2.8), squeeze=False)
+    for ax, (key, title) in zip(axes[0], present):
+        pts = [(r.get("step", i), _number(r.get(key))) for i, r in enumerate(log)]
+        pts = [(s, v) for s, v in pts if v is not None and _number(s) is not None]
+        ax.plot([s for s, _ in pts], [v for _, v in pts], color="#3367d6", linewidth=1.4)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if key in ("loss", "fvu") and all(v > 0 for _, v in pts) and max(v for _, v in pts) > 20 * min(v for _, v in pts):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    return [key for key, _ in present]
+
+
+def histogram(counts: list, edges: list, path: Path, title: str, xlabel: str, log_x: bool = False) -> None:
+    """A bar histogram from precomputed ``counts`` (n) and ``edges`` (n + 1)."""
+    fig, ax = plt.subplots(figsize=(5.2, 2.8))
+    widths = [edges[i + 1] - edges[i] for i in range(len(counts))]
+    ax.bar(edges[:-1], counts, width=widths, align="edge", color="#3367d6", edgecolor="white", linewidth=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("count", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def score_bars(table: dict[str, dict[str, dict[str, float]]], columns: list[str], path: Path) -> None:
+    """One panel per scorer: the explanation's mean score and each baseline's, per category.
+
+    ``table[scorer][baseline][column]`` is a mean; missing cells are left out.
+    """
+    scorers = list(table)
+    fig, axes = plt.subplots(1, len(scorers), figsize=(max(4.5, 0.9 * len(columns) + 2.5) * len(scorers) ** 0.8, 3.0), squeeze=False)
+    palette = ["#3367d6", "#e8710a", "#7cb342", "#8e24aa", "#757575"]
+    for ax, scorer in zip(axes[0], scorers):
+        baselines = list(table[scorer])
+        width = 0.8 / max(1, len(baselines))
+        for j, baseline in enumerate(baselines):
+            xs = [i + j * width for i, c in enumerate(columns) if c in table[scorer][baseline]]
+            ys = [table[scorer][baseline][c] for c in columns if c in table[scorer][baseline]]
+            label = "explanation" if baseline == "none" else baseline
+            ax.bar(xs, ys, width=width, label=label, color=palette[j % len(palette)])
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(columns))])
+        ax.set_xticklabels(columns, fontsize=7, rotation=30, ha="right")
+        ax.set_title(scorer, fontsize=10)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
