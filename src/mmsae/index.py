@@ -539,3 +539,415 @@ class IndexWriter:
         _write_folder(self.out, manifest, top_sample, top_score, rand_sample, rand_score, maps, stats,
                       self.samples, self.layouts, self.tokens)
         return FeatureIndex(self.out)
+
+
+# --------------------------------------------------------------------------------------------
+# Building from a model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IndexConfig:
+    """Options of ``mmsae index``."""
+
+    sae: str = field(metadata={"help": "SAE folder (sparsify, SAELens or mmsae layout) or hub id"})
+    data: str = field(metadata={"help": "data: image folder, .jsonl, dataset path or name, or shapes:N[:SEED]"})
+    out: str = field(metadata={"help": "index folder to write (RUN/index)"})
+    model: str | None = field(default=None, metadata={"help": "model id or path (default: the SAE's cfg.model)"})
+    layer: int | None = field(default=None, metadata={"help": "decoder layer (default: the SAE's cfg.layer)"})
+    top_n: int = field(default=20, metadata={"help": "top images kept per feature"})
+    random_n: int = field(default=20, metadata={"help": "random activating images kept per feature (a sample across quantiles)"})
+    image_score: Literal["max", "mean"] = field(default="max", metadata={"help": "image score: max or mean of the feature over the image's patches"})
+    top_tokens: int = field(default=10, metadata={"help": "top text tokens kept per feature"})
+    context_tokens: int = field(default=8, metadata={"help": "text tokens of context kept before each top token"})
+    batch_size: int = field(default=8, metadata={"help": "images per forward pass"})
+    max_samples: int | None = field(default=None, metadata={"help": "only samples with id below this"})
+    prompt: str | None = field(default=None, metadata={"help": "prompt shown with every image (default: the sample's own text)"})
+    split: str = field(default="train", metadata={"help": "dataset split"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype: float32, bfloat16 or float16"})
+    checkpoint_every: int = field(default=512, metadata={"help": "save resumable state every this many images"})
+    seed: int = field(default=0, metadata={"help": "seed of the random example sample"})
+
+
+AFTER_TOKENS = 3  # text tokens of context kept after each top token
+
+
+class IndexState:
+    """Everything ``build_index`` accumulates; bounded by features x (top_n + random_n)."""
+
+    def __init__(self, num_latents: int, top_n: int, random_n: int, top_tokens: int, context_tokens: int,
+                 image_score: str, seed: int):
+        F = num_latents
+        self.F, self.N, self.K, self.M = F, top_n, random_n, top_tokens
+        self.C, self.W = context_tokens, context_tokens + 1 + AFTER_TOKENS
+        self.image_score = image_score
+        self.top_sample = torch.full((F, top_n), -1, dtype=torch.int64)
+        self.top_score = torch.zeros(F, top_n)
+        self.rand_sample = torch.full((F, random_n), -1, dtype=torch.int64)
+        self.rand_score = torch.zeros(F, random_n)
+        self.rand_seen = torch.zeros(F, dtype=torch.int64)
+        self.tok_act = torch.zeros(F, top_tokens)
+        self.tok_sample = torch.full((F, top_tokens), -1, dtype=torch.int64)
+        self.tok_pos = torch.full((F, top_tokens), -1, dtype=torch.int64)
+        self.tok_ctx = torch.full((F, top_tokens, self.W), -1, dtype=torch.int32)
+        self.stats = ActivationStats(F)
+        self.maps: dict[int, np.ndarray] = {}
+        self.samples: dict[int, dict] = {}
+        self.layouts: dict[int, TokenLayout] = {}
+        self.next_id = 0
+        self.skipped = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    # --- per batch -----------------------------------------------------------------------------
+    def image_scores(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Dense [F] score of one image from its patch codes [P, k]."""
+        v, i = values.reshape(-1).float().clamp_min(0), indices.reshape(-1).long()
+        if self.image_score == "max":
+            return torch.zeros(self.F).scatter_reduce_(0, i, v, reduce="amax")
+        return torch.zeros(self.F).index_add_(0, i, v) / max(values.shape[0], 1)
+
+    def add_images(self, sample_ids: list[int], codes: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """Merge a batch of images (patch codes [P, k] each) into the top lists and the reservoir.
+
+        Returns, per batch position, the features whose map must be kept for that image.
+        """
+        if not codes:
+            return {}
+        for v, i in codes:
+            self.stats.update_patches(v, i)
+        scores = torch.stack([self.image_scores(v, i) for v, i in codes])  # [B, F]
+        self.stats.update_images(scores)
+        B = scores.shape[0]
+        sids = torch.tensor(sample_ids, dtype=torch.int64)
+        # top N: old lists and the batch compete; empty slots and zero scores never win
+        cand_score = torch.cat([self.top_score, scores.T], 1)
+        cand_sample = torch.cat([self.top_sample, sids.expand(self.F, B)], 1)
+        cand_score = torch.where((cand_sample >= 0) & (cand_score > 0), cand_score, torch.full_like(cand_score, -math.inf))
+        best, pos = cand_score.topk(self.N, dim=1)
+        empty = torch.isinf(best)
+        self.top_sample = torch.where(empty, -1, cand_sample.gather(1, pos))
+        self.top_score = torch.where(empty, 0.0, best)
+        new_f, new_slot = torch.nonzero((pos >= self.N) & ~empty, as_tuple=True)
+        wanted: dict[int, list[torch.Tensor]] = {}
+        for b in range(B):
+            wanted.setdefault(b, []).append(new_f[pos[new_f, new_slot] - self.N == b])
+        # reservoir of activating images (Algorithm R per feature), one image at a time
+        for b in range(B):
+            fired = torch.nonzero(scores[b] > 0, as_tuple=True)[0]
+            if fired.numel() == 0:
+                continue
+            self.rand_seen[fired] += 1
+            seen = self.rand_seen[fired]
+            draw = (torch.rand(fired.numel(), generator=self.generator, dtype=torch.float64) * seen).long()
+            slot = torch.where(seen <= self.K, seen - 1, draw)
+            take = slot < self.K
+            f_take, s_take = fired[take], slot[take]
+            self.rand_sample[f_take, s_take] = sids[b]
+            self.rand_score[f_take, s_take] = scores[b, f_take]
+            wanted[b].append(f_take)
+        return {b: torch.unique(torch.cat(w)) for b, w in wanted.items()}
+
+    def keep_maps(self, sample_id: int, values: torch.Tensor, indices: torch.Tensor, features: torch.Tensor) -> None:
+        """Store the patch maps [P] of ``features`` on one image from its codes [P, k]."""
+        if features.numel() == 0:
+            return
+        P, k = values.shape
+        row_of = torch.full((self.F,), -1, dtype=torch.long)
+        row_of[features] = torch.arange(features.numel())
+        rows = row_of[indices.long()]  # [P, k]
+        ok = rows >= 0
+        patch = torch.arange(P)[:, None].expand(P, k)
+        maps = torch.zeros(features.numel(), P)
+        maps[rows[ok], patch[ok]] = values[ok].float()
+        maps_np = maps.numpy()
+        for r, f in enumerate(features.tolist()):
+            self.maps[f * KEY_SHIFT + sample_id] = maps_np[r].copy()
+
+    def add_text(self, sample_id: torch.Tensor, position: torch.Tensor, context: torch.Tensor,
+                 values: torch.Tensor, indices: torch.Tensor) -> None:
+        """Merge text-token codes [T, k] (with each token's sample, position and context ids [T, W])."""
+        if values.shape[0] == 0:
+            return
+        self.stats.update_text(values, indices)
+        T, k = values.shape
+        v, f = values.reshape(-1).float(), indices.reshape(-1).long()
+        t = torch.arange(T).repeat_interleave(k)
+        thresh = torch.where(self.tok_sample[:, -1] >= 0, self.tok_act[:, -1], torch.zeros(()))
+        keep = v > thresh[f]
+        if not keep.any():
+            return
+        v, f, t = v[keep], f[keep], t[keep]
+        feats, rows = torch.unique(f, return_inverse=True)
+        cand = torch.full((feats.numel(), T), -math.inf)
+        cand[rows, t] = v
+        old = torch.where(self.tok_sample[feats] >= 0, self.tok_act[feats], torch.full_like(self.tok_act[feats], -math.inf))
+        best, pos = torch.cat([old, cand], 1).topk(self.M, dim=1)
+        from_old = pos < self.M
+        empty = torch.isinf(best)
+        a = torch.arange(feats.numel())[:, None].expand_as(pos)
+        old_pos = pos.clamp(max=self.M - 1)
+        new_t = (pos - self.M).clamp(min=0)
+        self.tok_sample[feats] = torch.where(empty, -1, torch.where(from_old, self.tok_sample[feats][a, old_pos], sample_id[new_t]))
+        self.tok_pos[feats] = torch.where(empty, -1, torch.where(from_old, self.tok_pos[feats][a, old_pos], position[new_t]))
+        self.tok_act[feats] = torch.where(empty, 0.0, best)
+        ctx = torch.where(from_old[..., None], self.tok_ctx[feats][a, old_pos], context[new_t])
+        self.tok_ctx[feats] = torch.where(empty[..., None], torch.full_like(ctx, -1), ctx)
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    def referenced_samples(self) -> set[int]:
+        return set(self.top_sample[self.top_sample >= 0].tolist()) | set(self.rand_sample[self.rand_sample >= 0].tolist())
+
+    def prune(self) -> None:
+        """Forget maps and samples no list refers to any more."""
+        keys = set((torch.nonzero(self.top_sample >= 0)[:, 0] * KEY_SHIFT + self.top_sample[self.top_sample >= 0]).tolist())
+        keys |= set((torch.nonzero(self.rand_sample >= 0)[:, 0] * KEY_SHIFT + self.rand_sample[self.rand_sample >= 0]).tolist())
+        self.maps = {k: v for k, v in self.maps.items() if k in keys}
+        refs = self.referenced_samples()
+        self.samples = {s: r for s, r in self.samples.items() if s in refs}
+        self.layouts = {s: lt for s, lt in self.layouts.items() if s in refs}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        keys = sorted(self.maps)
+        lengths = [len(self.maps[k]) for k in keys]
+        sids = sorted(self.layouts)
+        lay = [self.layouts[s] for s in sids]
+        return {
+            "top_sample": self.top_sample, "top_score": self.top_score, "rand_sample": self.rand_sample,
+            "rand_score": self.rand_score, "rand_seen": self.rand_seen, "tok_act": self.tok_act,
+            "tok_sample": self.tok_sample, "tok_pos": self.tok_pos, "tok_ctx": self.tok_ctx,
+            "map_key": torch.tensor(keys, dtype=torch.int64),
+            "map_len": torch.tensor(lengths, dtype=torch.int64),
+            "map_values": torch.from_numpy(np.concatenate([self.maps[k] for k in keys])) if keys else torch.zeros(0),
+            "lay_sample": torch.tensor(sids, dtype=torch.int64),
+            "lay_len": torch.tensor([lt.num_image_tokens for lt in lay], dtype=torch.int64),
+            **{f"lay_{name}": (torch.cat([getattr(lt, name).cpu().long() for lt in lay]) if lay else torch.zeros(0, dtype=torch.long))
+               for name in ("positions", "tile", "row", "col")},
+            "rng": self.generator.get_state(),
+            **self.stats.state(),
+        }
+
+    def save(self, path: Path, signature: dict) -> None:
+        self.prune()
+        meta = {"signature": json.dumps(signature), "next_id": str(self.next_id), "skipped": str(self.skipped),
+                "samples": json.dumps({str(s): {**r, "layout": _layout_to_json(self.layouts[s])} for s, r in self.samples.items()})}
+        save_tensors(path, self.tensors(), metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path, signature: dict, **kwargs) -> IndexState:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        if json.loads(meta["signature"]) != signature:
+            raise MmsaeError(f"{path} was started with other options or another SAE; rerun with the same options, or use another --out")
+        state = cls(**kwargs)
+        for name in ("top_sample", "top_score", "rand_sample", "rand_score", "rand_seen", "tok_act", "tok_sample", "tok_pos", "tok_ctx"):
+            setattr(state, name, t[name])
+        offsets = np.concatenate([[0], np.cumsum(t["map_len"].numpy())])
+        values = t["map_values"].numpy()
+        state.maps = {int(k): values[offsets[i]: offsets[i + 1]].copy() for i, k in enumerate(t["map_key"].tolist())}
+        samples = json.loads(meta["samples"])
+        lay_off = np.concatenate([[0], np.cumsum(t["lay_len"].numpy())])
+        for i, s in enumerate(t["lay_sample"].tolist()):
+            rec = samples[str(s)]
+            lo, hi = lay_off[i], lay_off[i + 1]
+            state.layouts[s] = TokenLayout(
+                positions=t["lay_positions"][lo:hi], tile=t["lay_tile"][lo:hi], row=t["lay_row"][lo:hi], col=t["lay_col"][lo:hi],
+                tiles=[Tile(tuple(box), r, c) for box, r, c in rec["layout"]["tiles"]],
+                image_size=tuple(rec["layout"]["image_size"]) if rec["layout"]["image_size"] is not None else None)
+            state.samples[s] = {k: v for k, v in rec.items() if k != "layout"}
+        state.generator.set_state(t["rng"])
+        state.stats = ActivationStats.from_state(t)
+        state.next_id, state.skipped = int(meta["next_id"]), int(meta["skipped"])
+        return state
+
+    def token_rows(self, tokenizer) -> dict[int, list[dict]]:
+        """Decode the top text tokens of every feature into ``{"token", "context", ...}`` rows."""
+        out: dict[int, list[dict]] = {}
+        feats = torch.nonzero((self.tok_sample >= 0).any(1), as_tuple=True)[0].tolist()
+        for f in feats:
+            rows = []
+            for j in range(self.M):
+                if self.tok_sample[f, j] < 0:
+                    continue
+                ids = self.tok_ctx[f, j].tolist()
+                before = tokenizer.decode([i for i in ids[: self.C] if i >= 0])
+                token = tokenizer.decode([ids[self.C]])
+                after = tokenizer.decode([i for i in ids[self.C + 1:] if i >= 0])
+                rows.append({"token": token, "context": before + token + after, "before": before, "after": after,
+                             "activation": float(self.tok_act[f, j]), "sample_id": int(self.tok_sample[f, j]),
+                             "position": int(self.tok_pos[f, j])})
+            out[f] = rows
+        return out
+
+
+def _drop_unreferenced_images(out: Path, keep: set[int]) -> None:
+    """Delete image copies that no example (as of the last checkpoint) refers to."""
+    keep_names = {Path(_image_file(s)).name for s in keep}
+    folder = out / "images"
+    if folder.exists():
+        for p in folder.iterdir():
+            if p.name not in keep_names:
+                p.unlink(missing_ok=True)
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _text_contexts(input_ids: torch.Tensor, text_positions: torch.Tensor, before: int) -> torch.Tensor:
+    """Context ids [T, before + 1 + AFTER_TOKENS] around each text position, over text tokens only."""
+    ids = input_ids[text_positions].cpu()
+    T = ids.numel()
+    padded = torch.cat([torch.full((before,), -1, dtype=ids.dtype), ids, torch.full((AFTER_TOKENS,), -1, dtype=ids.dtype)])
+    window = torch.arange(before + 1 + AFTER_TOKENS)[None] + torch.arange(T)[:, None]
+    return padded[window].to(torch.int32)
+
+
+def encode_batch(adapter, sae, layer: int, images: list, prompts: list[str]):
+    """One forward pass to ``layer`` and the SAE codes of every image and text token.
+
+    Returns the built inputs and, per sequence, ((patch values, indices) [P, k], (text values,
+    indices) [T, k]).
+    """
+    from .hooks import run_until
+
+    inputs = adapter.build_inputs(images, prompts)
+    with torch.inference_mode():
+        hidden = run_until(adapter, layer, inputs)
+        parts = []
+        for b, layout in enumerate(inputs.layouts):
+            parts += [hidden[b, layout.positions.to(hidden.device)], hidden[b, layout.text_positions.to(hidden.device)]]
+        sizes = [p.shape[0] for p in parts]
+        values, indices = sae.encode_sparse(torch.cat(parts).to(sae.device))
+    values, indices = values.float().cpu(), indices.cpu()
+    codes, start = [], 0
+    for n in sizes:
+        codes.append((values[start:start + n], indices[start:start + n]))
+        start += n
+    return inputs, [(codes[2 * b], codes[2 * b + 1]) for b in range(len(inputs.layouts))]
+
+
+def build_index(cfg: IndexConfig) -> FeatureIndex:
+    """Stream ``cfg.data`` through the model with the SAE at ``cfg.layer`` and write the index.
+
+    Resumable: rerun with the same options after an interruption and it continues from its
+    last checkpoint; a finished index with the same options is returned as it is.
+    """
+    from tqdm import tqdm
+
+    from .data.sources import open_source
+    from .models import load_adapter
+    from .sae import load_sae
+
+    if cfg.top_n < 1 or cfg.random_n < 1 or cfg.top_tokens < 1 or cfg.batch_size < 1:
+        raise MmsaeError("--top-n, --random-n, --top-tokens and --batch-size must be at least 1")
+    device = _resolve_device(cfg.device)
+    sae = load_sae(cfg.sae).to(device).eval()
+    model_id = cfg.model or sae.cfg.model
+    layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
+    if model_id is None or layer is None:
+        raise MmsaeError(f"SAE {cfg.sae} does not record its model and layer; give --model and --layer")
+    out = ensure_dir(cfg.out)
+    fingerprint = sae_fingerprint(sae)
+    signature = {"sae_fingerprint": fingerprint, "model": str(model_id), "layer": int(layer), "data": cfg.data,
+                 "split": cfg.split, "max_samples": cfg.max_samples, "prompt": cfg.prompt, "top_n": cfg.top_n,
+                 "random_n": cfg.random_n, "image_score": cfg.image_score, "top_tokens": cfg.top_tokens,
+                 "context_tokens": cfg.context_tokens, "seed": cfg.seed}
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        old = read_json(manifest_path)
+        if old.get("complete") and old.get("signature") == signature:
+            print(f"index {out} is already complete", flush=True)
+            return FeatureIndex(out)
+        if old.get("complete"):
+            raise MmsaeError(f"{out} already holds an index built with other options or another SAE; use another --out or delete it")
+
+    adapter = load_adapter(str(model_id), dtype=cfg.dtype, device=device)
+    adapter.check_layer(int(layer))
+    if adapter.hidden_size != sae.cfg.d_in:
+        raise MmsaeError(f"SAE {cfg.sae} expects width {sae.cfg.d_in} but layer {layer} of {model_id} has {adapter.hidden_size}")
+    source = open_source(cfg.data, split=cfg.split)
+    state_kwargs = dict(num_latents=sae.cfg.num_latents, top_n=cfg.top_n, random_n=cfg.random_n, top_tokens=cfg.top_tokens,
+                        context_tokens=cfg.context_tokens, image_score=cfg.image_score, seed=cfg.seed)
+    ckpt = out / "checkpoint.safetensors"
+    if ckpt.exists():
+        state = IndexState.load(ckpt, signature, **state_kwargs)
+        print(f"resuming index at sample {state.next_id} ({state.stats.n_images} images done)", flush=True)
+    else:
+        state = IndexState(**state_kwargs)
+    total = source.num_samples if cfg.max_samples is None or source.num_samples is None else min(cfg.max_samples, source.num_samples)
+
+    def on_skip(sample_id: int, reason: str) -> None:
+        state.skipped += 1
+
+    def run_batch(batch: list) -> None:
+        images = [s.image for s in batch]
+        prompts = [cfg.prompt or s.text or "Describe the image." for s in batch]
+        inputs, codes = encode_batch(adapter, sae, int(layer), images, prompts)
+        with_image = [b for b, lt in enumerate(inputs.layouts) if lt.num_image_tokens > 0]
+        wanted = state.add_images([batch[b].id for b in with_image], [codes[b][0] for b in with_image])
+        for j, b in enumerate(with_image):
+            feats = wanted.get(j)
+            if feats is None or feats.numel() == 0:
+                continue
+            sid = batch[b].id
+            state.keep_maps(sid, *codes[b][0], feats)
+            if sid not in state.samples:
+                state.samples[sid] = {"meta": _jsonable(batch[b].meta), "text": prompts[b], "image": _save_image(out, sid, batch[b].image)}
+                lt = inputs.layouts[b]
+                state.layouts[sid] = TokenLayout(lt.positions.cpu(), lt.tile.cpu(), lt.row.cpu(), lt.col.cpu(), lt.tiles, lt.image_size)
+        ids = inputs.inputs["input_ids"]
+        sample_t, pos_t, ctx_t = [], [], []
+        for b, lt in enumerate(inputs.layouts):
+            tp = lt.text_positions.cpu()
+            sample_t.append(torch.full((tp.numel(),), batch[b].id, dtype=torch.int64))
+            pos_t.append(tp)
+            ctx_t.append(_text_contexts(ids[b].cpu(), tp, state.C))
+        text_v = torch.cat([codes[b][1][0] for b in range(len(batch))])
+        text_i = torch.cat([codes[b][1][1] for b in range(len(batch))])
+        state.add_text(torch.cat(sample_t), torch.cat(pos_t), torch.cat(ctx_t), text_v, text_i)
+        state.next_id = batch[-1].id + 1
+
+    since_ckpt = 0
+    bar = tqdm(total=total, initial=state.next_id, desc="index", unit="sample", dynamic_ncols=True)
+    batch: list = []
+    try:
+        for sample in source.samples(start=state.next_id, stop=cfg.max_samples, on_skip=on_skip):
+            batch.append(sample)
+            if len(batch) == cfg.batch_size:
+                run_batch(batch)
+                bar.update(batch[-1].id + 1 - bar.n)
+                since_ckpt += len(batch)
+                batch = []
+                if since_ckpt >= cfg.checkpoint_every:
+                    state.save(ckpt, signature)
+                    _drop_unreferenced_images(out, set(state.samples))
+                    since_ckpt = 0
+        if batch:
+            run_batch(batch)
+        if state.stats.n_images == 0:
+            raise MmsaeError(f"data {cfg.data} gave no images to index; give a source with images")
+    finally:
+        bar.close()
+    if total is not None:
+        state.next_id = max(state.next_id, total)
+    state.save(ckpt, signature)  # the finished state, in case writing the folder is interrupted
+    manifest = {"format": FORMAT, "version": VERSION, "sae": str(cfg.sae), "sae_fingerprint": fingerprint,
+                "model": str(model_id), "layer": int(layer), "hook_point": adapter.hook_point(int(layer)),
+                "data": cfg.data, "top_n": cfg.top_n, "random_n": cfg.random_n, "image_score": cfg.image_score,
+                "n_images": state.stats.n_images, "n_skipped": state.skipped, "num_latents": sae.cfg.num_latents,
+                "k": sae.cfg.k, "quantile_levels": list(QUANTILE_LEVELS), "signature": signature,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write_folder(out, manifest, state.top_sample, state.top_score, state.rand_sample, state.rand_score, state.maps,
+                  state.stats, state.samples, state.layouts, state.token_rows(adapter.tokenizer))
+    ckpt.unlink(missing_ok=True)
+    if state.skipped:
+        print(f"skipped {state.skipped} unreadable samples", flush=True)
+    index = FeatureIndex(out)
+    print(f"index: {len(index.features())} of {sae.cfg.num_latents} features fired on {state.stats.n_images} images -> {out}", flush=True)
+    return index
