@@ -1,0 +1,75 @@
+"""The demo's stages, in order, each a call into the public API with its config.
+
+A stage whose output already exists is skipped (``--force`` reruns all), so a demo that was
+interrupted resumes at the stage it was in; the stages themselves resume within their work too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..io import ensure_dir, read_json, write_json
+from . import DemoConfig
+
+
+@dataclass
+class DemoSizes:
+    """How much work each stage does; ``--quick`` picks the small column."""
+
+    harvest_images: int
+    train_tokens: int
+    expansion: int
+    k: int
+    index_images: int
+    explain_features: int
+    steer_images: int
+
+
+FULL = DemoSizes(harvest_images=1200, train_tokens=2_000_000, expansion=8, k=16,
+                 index_images=600, explain_features=128, steer_images=40)
+QUICK = DemoSizes(harvest_images=200, train_tokens=300_000, expansion=4, k=16,
+                  index_images=120, explain_features=24, steer_images=10)
+
+
+def run_pipeline(cfg: DemoConfig, model_path: str) -> None:
+    run = ensure_dir(cfg.out)
+    sizes = QUICK if cfg.quick else FULL
+    seed = cfg.seed
+    # Harvest and training use one slice of the shapes world, the index a disjoint held-out one.
+    train_data = f"shapes:{sizes.harvest_images}:{seed}"
+    held_out = f"shapes:{sizes.index_images}:{seed + 1}"
+    sae_dir = run / "sae"
+    log_path = run / "demo_log.json"
+    log = read_json(log_path) if log_path.exists() else {"stages": {}}
+    log.update({"model": model_path, "layer": cfg.layer, "quick": cfg.quick, "sizes": sizes.__dict__})
+
+    def stage(name: str, output: Path, fn: Callable[[], object]) -> None:
+        if output.exists() and not cfg.force:
+            print(f"[demo] {name}: done already ({output})")
+            return
+        print(f"[demo] {name} ...", flush=True)
+        start = time.perf_counter()
+        fn()
+        log["stages"][name] = {"seconds": round(time.perf_counter() - start, 1)}
+        write_json(log_path, log)
+
+    from ..activations import HarvestConfig, harvest
+
+    stage("harvest", run / "activations" / "manifest.json", lambda: harvest(HarvestConfig(
+        model=model_path, layer=cfg.layer, data=train_data, out=str(run / "activations"))))
+
+    from ..sae.train import TrainConfig, train
+
+    stage("train", sae_dir / "sae.safetensors", lambda: train(TrainConfig(
+        activations=str(run / "activations"), out=str(sae_dir), expansion=sizes.expansion,
+        k=sizes.k, max_tokens=sizes.train_tokens, seed=seed)))
+
+    from ..sae.metrics import EvaluateConfig, evaluate
+
+    stage("evaluate", run / "metrics.json", lambda: evaluate(EvaluateConfig(
+        sae=str(sae_dir), model=model_path, data=held_out, out=str(run / "metrics.json"))))
+
+    print(f"[demo] finished: {run}")
