@@ -134,9 +134,40 @@ def _build_llava(out: Path) -> None:
     processor.save_pretrained(out)
 
 
+def _build_llava_next(out: Path) -> None:
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    tokenizer = make_tokenizer(["<image>"], {"image_token": "<image>"})
+    crop, patch = 16, 4
+    pinpoints = [[16, 32], [32, 16], [32, 32], [16, 48], [48, 16]]
+    config = LlavaNextConfig(
+        vision_config=clip_vision_config(crop, patch),
+        text_config=llama_text_config(len(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaNextForConditionalGeneration(config)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template("<image>\n"),
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
 BUILDERS = {
     "llama": _build_llama,
     "llava": _build_llava,
+    "llava_next": _build_llava_next,
 }
 FAMILIES = tuple(BUILDERS)
 

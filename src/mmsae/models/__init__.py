@@ -9,10 +9,12 @@ from ..errors import MmsaeError
 from .base import ModelAdapter, ModelInputs, Tile, TokenLayout, image_heatmap
 from .causal_lm import CausalLMAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 
 # config.model_type -> adapter class; the one place a family is chosen
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     "llava": LlavaAdapter,
+    "llava_next": LlavaNextAdapter,
     "llama": CausalLMAdapter,
     "mistral": CausalLMAdapter,
     "qwen2": CausalLMAdapter,

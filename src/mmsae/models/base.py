@@ -195,6 +195,8 @@ def image_heatmap(layout: TokenLayout, values: torch.Tensor | np.ndarray, combin
     xs = np.arange(width) + 0.5
     ys = np.arange(height) + 0.5
     for t, tile in enumerate(layout.tiles):
+        if tile.rows == 0 or tile.cols == 0:  # a crop that unpadding removed entirely
+            continue
         grid = np.full((tile.rows, tile.cols), np.nan)
         sel = tile_idx == t
         grid[rows_idx[sel], cols_idx[sel]] = values[sel]
