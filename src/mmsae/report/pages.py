@@ -42,7 +42,7 @@ def page(title: str, body: str, nav_active: str, scripts: list[str] = ()) -> str
         # Only this site's own files may load; nothing from the network, no inline script.
         "<meta http-equiv=Content-Security-Policy content=\"default-src 'self'; img-src 'self' data:; "
         "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'\">"
-        f"<title>{esc(title)}</title><link rel=stylesheet href=assets/style.css></head>"
+        f"<title>{esc(title)}</title><link rel=stylesheet href=assets/style.css><link rel=icon href=assets/favicon.svg type=image/svg+xml></head>"
         f"<body><header><span class=brand>mmsae</span><nav>{nav}</nav></header><main>{body}</main>"
         f"{script_tags}</body></html>\n"
     )
@@ -128,25 +128,33 @@ def _find_histogram(d: Any, path: str = "") -> list[tuple[str, dict]]:
     return found
 
 
+def _is_scalar(v: Any) -> bool:
+    return not isinstance(v, (dict, list))
+
+
 def _metrics_section(metrics: dict, site: Path) -> str:
-    scalars = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
-    groups = {k: v for k, v in metrics.items() if isinstance(v, dict) and not _find_histogram(v)}
+    """Scalars as a list; groups of scalars (e.g. by token type) side by side; histograms as plots."""
+    hists = _find_histogram(metrics)
+    hist_keys = {name.split(".")[0] for name, _ in hists}
+    scalars = {k: v for k, v in metrics.items() if _is_scalar(v)}
     html = kv_table(scalars) if scalars else ""
-    # by token type (image / text / all ...): one column per group, one row per metric
-    flat = {g: v for g, v in groups.items() if all(not isinstance(x, (dict, list)) for x in v.values())}
-    if flat:
-        names: list[str] = []
-        for v in flat.values():
-            names += [k for k in v if k not in names]
-        head = "".join(f"<th>{esc(g)}</th>" for g in flat)
-        body = "".join(f"<tr><th>{esc(n)}</th>" + "".join(f"<td>{esc(fmt(flat[g].get(n)))}</td>" for g in flat) + "</tr>" for n in names)
-        html += f"<table class=rows><thead><tr><th>metric</th>{head}</tr></thead><tbody>{body}</tbody></table>"
-    rest = {k: v for k, v in metrics.items() if isinstance(v, (dict, list)) and k not in flat and not _find_histogram(v)}
-    if rest:
-        html += kv_table(rest)
-    for i, (name, hist) in enumerate(_find_histogram(metrics)):
+    for key, v in metrics.items():
+        if key in hist_keys or _is_scalar(v):
+            continue
+        if isinstance(v, dict) and v and all(isinstance(g, dict) and all(map(_is_scalar, g.values())) for g in v.values()):
+            names: list[str] = []
+            for g in v.values():
+                names += [n for n in g if n not in names]
+            head = "".join(f"<th>{esc(g)}</th>" for g in v)
+            body = "".join(f"<tr><th>{esc(n)}</th>" + "".join(f"<td class=num>{esc(fmt(g.get(n)))}</td>" for g in v.values())
+                           + "</tr>" for n in names)
+            html += f"<h3>{esc(key)}</h3><table class=rows><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>"
+        else:
+            html += f"<h3>{esc(key)}</h3>" + render_value(v)
+    for i, (name, hist) in enumerate(hists):
         rel = f"plots/metrics-hist-{i}.png"
-        plots.histogram(hist["counts"], hist["edges"], site / rel, title=name, xlabel=name.split(".")[-1])
+        plots.histogram(hist["counts"], hist["edges"], site / rel, title=name.replace("_", " "),
+                        xlabel=str(hist.get("xlabel") or name.split(".")[-1].replace("_", " ")))
         html += f"<figure><img src={rel} alt='{esc(name)}'><figcaption>{esc(name)}</figcaption></figure>"
     return html
 

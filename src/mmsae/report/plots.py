@@ -46,7 +46,7 @@ def training_curves(log: list[dict], path: Path) -> list[str]:
     return [key for key, _ in present]
 
 
-def histogram(counts: list, edges: list, path: Path, title: str, xlabel: str, log_x: bool = False) -> None:
+def histogram(counts: list, edges: list, path: Path, title: str, xlabel: str) -> None:
     """A bar histogram from precomputed ``counts`` (n) and ``edges`` (n + 1)."""
     fig, ax = plt.subplots(figsize=(5.2, 2.8))
     widths = [edges[i + 1] - edges[i] for i in range(len(counts))]

@@ -105,6 +105,21 @@
     ])]);
   }
 
+  // rows from mmsae.steer: prompt, interventions, clean and steered outputs side by side
+  function steering(rows) {
+    if (!rows.every(function (r) { return "clean" in r && "steered" in r; })) return genericRows(rows);
+    return el("table", { class: "rows" }, [
+      el("thead", {}, [el("tr", {}, ["intervention", "prompt", "clean output", "steered output"].map(function (h) { return el("th", {}, [h]); }))]),
+      el("tbody", {}, rows.map(function (r) {
+        var how = (r.interventions || []).map(function (iv) {
+          return iv.mode + " #" + iv.feature + " = " + fmt(iv.value);
+        }).join("; ") + (r.span ? " · span " + r.span : "");
+        return el("tr", {}, [el("td", {}, [how]), el("td", { class: "text" }, [String(r.prompt || "")]),
+          el("td", { class: "text" }, [String(r.clean || "")]), el("td", { class: "text" }, [String(r.steered || "")])]);
+      })),
+    ]);
+  }
+
   function render(d) {
     var root = clear($("feature"));
     var row = d.row || {};
@@ -125,13 +140,17 @@
     if (d.scores && d.scores.length) root.appendChild(section("Scores", [scoresTable(d.scores)]));
     if (d.stats) {
       var st = d.stats, kids = [kv(st, ["frequency", "max_activation", "mean_activation", "count"])];
-      if (st.quantiles) kids.push(el("p", { class: "muted" }, ["quantiles: " + fmt(st.quantiles)]));
+      if (st.quantiles && typeof st.quantiles === "object") {
+        kids.push(el("p", { class: "muted" }, ["quantiles over all image patches: " + Object.keys(st.quantiles).map(function (q) {
+          return (Number(q) * 100) + "%: " + fmt(st.quantiles[q]);
+        }).join(" · ")]));
+      }
       if (st.histogram && st.histogram.counts) kids.push(histogram(st.histogram));
       root.appendChild(section("Activations", kids));
     }
     if (d.examples && d.examples.length) root.appendChild(section("Top images", images(d.examples)));
     if (d.tokens && d.tokens.length) root.appendChild(section("Top text tokens", [tokens(d.tokens)]));
-    if (d.steering && d.steering.length) root.appendChild(section("Steering", [genericRows(d.steering)]));
+    if (d.steering && d.steering.length) root.appendChild(section("Steering", [steering(d.steering)]));
     document.body.setAttribute("data-ready", "1");
   }
 
