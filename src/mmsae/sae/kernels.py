@@ -41,13 +41,21 @@ def topk_preactivations(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if rows == 0:
         return values, indices
     chunk = _rows_per_chunk(n, _ENCODE_CHUNK_ELEMENTS, rows) if x.device.type == "cpu" else rows
-    buffer = torch.empty(chunk, n, dtype=x.dtype, device=x.device)
+    compute = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        # out= matmuls are not autocast; cast by hand (bf16 matmul, float32 results)
+        compute = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias = x.to(compute), weight.to(compute), bias.to(compute)
+    buffer = torch.empty(chunk, n, dtype=compute, device=x.device)
+    top = (values, indices) if compute == values.dtype else (torch.empty(rows, k, dtype=compute, device=x.device), indices)
     w_t = weight.t()
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
         pre = buffer[: stop - start]
         torch.addmm(bias, x[start:stop], w_t, out=pre)
-        torch.topk(pre, k, dim=-1, sorted=False, out=(values[start:stop], indices[start:stop]))
+        torch.topk(pre, k, dim=-1, sorted=False, out=(top[0][start:stop], indices[start:stop]))
+    if top[0] is not values:
+        values.copy_(top[0])
     return values, indices
 
 

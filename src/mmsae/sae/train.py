@@ -1,0 +1,475 @@
+"""Training a sparse autoencoder on stored (or synthetic, or live) activations.
+
+One step: encode with the sparse kernels, decode, loss = FVU (+ AuxK for dead latents, or
++ an L0 penalty for JumpReLU), backward, project the decoder gradient onto the rows' tangent
+space, Adam, renormalise decoder rows. Learning rate: linear warm-up, constant, linear decay
+to zero over the last ``decay`` fraction of steps.
+
+Exact resume: the data order is a pure function of (seed, step), and a checkpoint holds every
+piece of state (weights, Adam moments, dead-latent counters, the BatchTopK threshold, the
+input scale), so a resumed run ends with the same weights as an uninterrupted one.
+
+Several processes: run under ``torchrun --nproc-per-node N -m mmsae.cli train ...``; each rank
+reads its slice of every global batch, gradients are averaged by DistributedDataParallel, and
+every normaliser (the batch variance, dead-latent firing, BatchTopK's cut-off) is reduced over
+ranks, so N processes compute what one process computes on the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import MmsaeError
+from ..io import append_jsonl, ensure_dir, read_json, save_tensors, write_json
+from .kernels import sparse_decode, sparse_encode
+from .model import SaeConfig, SparseAutoencoder
+from .sources import ActivationSource, TensorSource, open_activation_source
+
+
+@dataclass
+class TrainConfig:
+    out: str = field(metadata={"help": "folder for the trained SAE (cfg.json + sae.safetensors), checkpoints/ and train_log.jsonl"})
+    activations: str | None = field(default=None, metadata={"help": "activation store folder (from `mmsae harvest`), or synthetic:d=64,m=256,k=4,tokens=100000"})
+    model: str | None = field(default=None, metadata={"help": "live mode: model id or folder to harvest from on the fly (instead of --activations)"})
+    layer: int | None = field(default=None, metadata={"help": "live mode: the layer whose output to train on"})
+    data: str | None = field(default=None, metadata={"help": "live mode: data source spec (image folder, .jsonl, HF dataset, shapes:N)"})
+    tokens: Literal["all", "image", "text"] = field(default="all", metadata={"help": "which stored tokens to train on"})
+    expansion: int = field(default=32, metadata={"help": "latents = expansion * activation width"})
+    num_latents: int = field(default=0, metadata={"help": "number of latents (overrides --expansion when > 0)"})
+    k: int = field(default=32, metadata={"help": "active latents per token (TopK, BatchTopK)"})
+    architecture: Literal["topk", "batchtopk", "jumprelu"] = field(default="topk", metadata={"help": "SAE activation"})
+    lr: float | None = field(default=None, metadata={"help": "peak Adam learning rate (default 2e-4 / sqrt(latents / 2^14))"})
+    batch_size: int = field(default=4096, metadata={"help": "tokens per optimiser step (global, over all processes)"})
+    max_tokens: int | None = field(default=None, metadata={"help": "stop after this many tokens (default: one pass over the store)"})
+    steps: int | None = field(default=None, metadata={"help": "stop after this many steps (overrides --max-tokens)"})
+    warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
+    decay: float = field(default=0.2, metadata={"help": "fraction of the final steps over which the learning rate decays linearly to 0"})
+    seed: int = field(default=0, metadata={"help": "seed for the initialisation and the data order"})
+    checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps"})
+    log_every: int = field(default=10, metadata={"help": "append a train_log.jsonl row every N steps"})
+    auxk_coefficient: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss that revives dead latents (0: off)"})
+    dead_tokens: int = field(default=10_000_000, metadata={"help": "a latent is dead after this many tokens without firing"})
+    normalize_input: bool = field(default=True, metadata={"help": "scale inputs so their mean squared norm is d (folded back into the saved weights)"})
+    b_dec_init: Literal["geometric_median", "mean", "zero"] = field(default="geometric_median", metadata={"help": "initial pre-encoder bias"})
+    init_tokens: int = field(default=16384, metadata={"help": "tokens sampled for the input scale and b_dec initialisation"})
+    l0_coefficient: float = field(default=1e-3, metadata={"help": "JumpReLU: weight of the L0 penalty (per active latent)"})
+    jumprelu_bandwidth: float = field(default=0.05, metadata={"help": "JumpReLU: straight-through estimator bandwidth"})
+    batchtopk_candidates: int = field(default=4, metadata={"help": "BatchTopK: per-token candidates = this * k (the global top-(k*batch) is taken among them)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    autocast: bool = field(default=False, metadata={"help": "run the encoder matmul in bfloat16 (GPU, or CPUs with bf16 support)"})
+    resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint in --out when there is one"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    # live mode
+    shuffle_buffer: int = field(default=262_144, metadata={"help": "live mode: tokens held in the shuffle buffer"})
+    model_batch_size: int = field(default=8, metadata={"help": "live mode: samples per model forward pass"})
+    max_samples: int | None = field(default=None, metadata={"help": "live mode: use at most this many samples of --data"})
+    prompt: str | None = field(default=None, metadata={"help": "live mode: prompt for samples without text"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+# --- distributed ---------------------------------------------------------------------------------
+def _dist_setup(device: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+    return t
+
+
+# --- JumpReLU straight-through estimators --------------------------------------------------------
+def _rectangle(x: torch.Tensor) -> torch.Tensor:
+    return ((x > -0.5) & (x < 0.5)).to(x.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth: float):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_pre = (pre > threshold) * grad
+        grad_threshold = -(threshold / bw) * _rectangle((pre - threshold) / bw) * grad
+        return grad_pre, grad_threshold.sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth: float):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_threshold = -(1.0 / bw) * _rectangle((pre - threshold) / bw) * grad
+        return None, grad_threshold.sum(0), None
+
+
+# --- the training module -------------------------------------------------------------------------
+class SaeTrainingStep(nn.Module):
+    """Wraps an SAE so DistributedDataParallel sees one forward: (x, dead mask) -> loss parts."""
+
+    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig):
+        super().__init__()
+        self.sae = sae
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None, total_variance: torch.Tensor, world: int):
+        sae, cfg = self.sae, self.cfg
+        arch = sae.cfg.architecture
+        centred = x - sae.b_dec
+        extra = {}
+        if arch == "jumprelu":
+            pre = nn.functional.linear(centred, sae.encoder.weight, sae.encoder.bias)
+            threshold = sae.threshold.clamp_min(1e-6)
+            acts = _JumpReLU.apply(pre, threshold, cfg.jumprelu_bandwidth)
+            recon = acts @ sae.W_dec + sae.b_dec
+            l0 = _Step.apply(pre, threshold, cfg.jumprelu_bandwidth).sum(-1)
+            fired = (acts > 0).any(0)
+            extra["l0_penalty"] = l0.sum() * cfg.l0_coefficient
+            l0_mean = l0.detach().mean()
+        else:
+            width = sae.cfg.k if arch == "topk" else min(sae.cfg.num_latents, cfg.batchtopk_candidates * sae.cfg.k)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+                pre_values, indices = sparse_encode(centred, sae.encoder.weight, sae.encoder.bias, width)
+            values = pre_values.float().relu()
+            if arch == "batchtopk":
+                # the global batch's (k * batch)-th largest activation is the cut-off
+                candidates = _all_gather_cat(values.detach().reshape(-1))
+                n_keep = min(candidates.numel(), sae.cfg.k * x.shape[0] * world)
+                cut = candidates.topk(n_keep, sorted=False).values.min().clamp_min(torch.finfo(values.dtype).tiny)
+                values = values * (values.detach() >= cut)
+                extra["cut"] = cut
+            recon = sparse_decode(values, indices, sae.W_dec) + sae.b_dec
+            fired = torch.zeros(sae.cfg.num_latents, dtype=torch.bool, device=x.device)
+            fired[indices[values > 0]] = True
+            l0_mean = (values > 0).sum(-1).float().mean()
+        error = recon - x
+        # normalised by the GLOBAL batch's variance, times world (DDP averages gradients)
+        fvu_local = error.pow(2).sum() / total_variance
+        loss = fvu_local * world
+        if "l0_penalty" in extra:
+            loss = loss + extra["l0_penalty"] * world / (x.shape[0] * world)
+        auxk = torch.zeros((), device=x.device)
+        if dead_mask is not None and cfg.auxk_coefficient > 0 and arch != "jumprelu":
+            dead = dead_mask.nonzero().squeeze(1)
+            k_aux = min(sae.cfg.d_in // 2, dead.numel())
+            if k_aux > 0:
+                # AuxK: the top dead latents reconstruct the residual the live ones left
+                aux_values, aux_idx = sparse_encode(centred, sae.encoder.weight[dead], sae.encoder.bias[dead], k_aux)
+                aux_recon = sparse_decode(aux_values.relu(), aux_idx, sae.W_dec[dead])
+                residual = (x - recon).detach()
+                stats = torch.stack([residual.pow(2).sum(), *residual.sum(0)]).double()
+                _all_reduce(stats)
+                count = x.shape[0] * world
+                res_var = (stats[0] - stats[1:].pow(2).sum() / count).clamp_min(1e-12).float()
+                auxk = (aux_recon - residual).pow(2).sum() / res_var
+                loss = loss + cfg.auxk_coefficient * auxk * world
+        return loss, {"fvu_part": fvu_local.detach(), "l0": l0_mean.detach(), "fired": fired, "auxk_part": auxk.detach(), **extra}
+
+
+# --- initialisation ------------------------------------------------------------------------------
+def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm, started from the mean."""
+    points = points.double()
+    median = points.mean(0)
+    for _ in range(iters):
+        dist_ = (points - median).norm(dim=1).clamp_min(1e-8)
+        weights = 1.0 / dist_
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - median).norm() <= tol * max(1.0, float(median.norm())):
+            median = new
+            break
+        median = new
+    return median.float()
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: int, decay: float) -> float:
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    decay_steps = int(total * decay)
+    decay_start = total - decay_steps
+    if decay_steps > 0 and step >= decay_start:
+        return peak * max(0.0, (total - step) / decay_steps)
+    return peak
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.exists():
+        return []
+    done = [p for p in root.glob("step-*") if (p / "state.json").exists() and (p / "state.safetensors").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(out: Path, step: int, sae: SparseAutoencoder, opt: torch.optim.Adam, state: dict, keep: int) -> None:
+    root = ensure_dir(out / "checkpoints")
+    tmp = root / f".tmp-step-{step:09d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tensors = {f"model.{k}": v.detach().cpu() for k, v in sae.state_dict().items()}
+    names = {id(p): n for n, p in sae.named_parameters()}
+    opt_steps = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            s = opt.state.get(p)
+            if s:
+                n = names[id(p)]
+                tensors[f"adam.{n}.exp_avg"] = s["exp_avg"].cpu()
+                tensors[f"adam.{n}.exp_avg_sq"] = s["exp_avg_sq"].cpu()
+                opt_steps[n] = float(s["step"])
+    tensors["tokens_since_fired"] = state["tokens_since_fired"].cpu()
+    save_tensors(tmp / "state.safetensors", tensors)
+    write_json(tmp / "state.json", {"step": step, "tokens": state["tokens"], "input_scale": state["input_scale"],
+                                    "threshold_initialised": state["threshold_initialised"],
+                                    "adam_steps": opt_steps, "sae_cfg": sae.cfg.to_dict(), "train_cfg": state["train_cfg"]})
+    final = root / f"step-{step:09d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in _checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Adam, device: torch.device) -> dict:
+    from safetensors.torch import load_file
+
+    meta = read_json(path / "state.json")
+    tensors = load_file(str(path / "state.safetensors"))
+    sae.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    for n, p in sae.named_parameters():
+        if f"adam.{n}.exp_avg" in tensors:
+            opt.state[p] = {"step": torch.tensor(meta["adam_steps"][n]),
+                            "exp_avg": tensors[f"adam.{n}.exp_avg"].to(device),
+                            "exp_avg_sq": tensors[f"adam.{n}.exp_avg_sq"].to(device)}
+    meta["tokens_since_fired"] = tensors["tokens_since_fired"].to(device)
+    return meta
+
+
+# --- the loop ------------------------------------------------------------------------------------
+_IDENTITY_KEYS = ("architecture", "k", "expansion", "num_latents", "batch_size", "seed", "normalize_input", "b_dec_init")
+
+
+def _check_resumable(meta: dict, cfg: TrainConfig, d: int, ckpt: Path) -> None:
+    saved = meta["train_cfg"]
+    if meta["sae_cfg"]["d_in"] != d:
+        raise MmsaeError(f"checkpoint {ckpt} is for activations of width {meta['sae_cfg']['d_in']} but the data has width {d}; "
+                         "use a new --out or the matching activations")
+    changed = [k for k in _IDENTITY_KEYS if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise MmsaeError(f"checkpoint {ckpt} was written with different {', '.join(changed)}; rerun with the same options, "
+                         "--no-resume, or a new --out")
+
+
+def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = None) -> Path:
+    """Train an SAE; returns the output folder (cfg.json + sae.safetensors + train_log.jsonl).
+
+    ``source`` overrides ``cfg.activations`` (an in-memory [tokens, d] tensor or a source).
+    """
+    if cfg.batch_size <= 0 or cfg.k <= 0:
+        raise MmsaeError("--batch-size and --k must be positive")
+    rank, world, device = _dist_setup(cfg.device)
+    if cfg.batch_size % world:
+        raise MmsaeError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    local_batch = cfg.batch_size // world
+    out = Path(cfg.out)
+    if rank == 0:
+        ensure_dir(out)
+    if isinstance(source, torch.Tensor):
+        source = TensorSource(source)
+    source = source or open_activation_source(cfg)
+    d = source.d
+    n_latents = cfg.num_latents or d * cfg.expansion
+    if cfg.k > n_latents:
+        raise MmsaeError(f"--k {cfg.k} is larger than the number of latents ({n_latents}); lower --k or raise --expansion")
+    sae_cfg = SaeConfig(d_in=d, num_latents=n_latents, k=cfg.k, expansion_factor=cfg.expansion, architecture=cfg.architecture,
+                        model=source.model, layer=source.layer, hook_point=source.hook_point)
+    if cfg.steps is not None:
+        total_steps = cfg.steps
+    elif cfg.max_tokens is not None:
+        total_steps = cfg.max_tokens // cfg.batch_size
+    else:
+        total_steps = (source.n_tokens or 0) // cfg.batch_size
+    if total_steps <= 0:
+        raise MmsaeError(f"nothing to train: {source.n_tokens} tokens at --batch-size {cfg.batch_size} is less than one step; "
+                         "lower --batch-size or pass --steps")
+
+    torch.manual_seed(cfg.seed)
+    sae = SparseAutoencoder(sae_cfg, device=device)
+    sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
+    peak_lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
+    opt = torch.optim.Adam(sae.parameters(), lr=peak_lr, betas=(0.9, 0.999), eps=1e-8)
+
+    train_cfg_dict = {k: v for k, v in asdict(cfg).items()}
+    state = {"tokens": 0, "input_scale": 1.0, "threshold_initialised": False, "train_cfg": train_cfg_dict,
+             "tokens_since_fired": torch.zeros(n_latents, dtype=torch.long, device=device)}
+    start_step = 0
+    checkpoints = _checkpoint_dirs(out) if cfg.resume else []
+    if checkpoints:
+        meta = read_json(checkpoints[-1] / "state.json")
+        _check_resumable(meta, cfg, d, checkpoints[-1])
+        meta = _load_checkpoint(checkpoints[-1], sae, opt, device)
+        start_step = meta["step"]
+        state.update(tokens=meta["tokens"], input_scale=meta["input_scale"], threshold_initialised=meta["threshold_initialised"],
+                     tokens_since_fired=meta["tokens_since_fired"])
+    else:
+        if rank == 0 and (out / "train_log.jsonl").exists():
+            (out / "train_log.jsonl").unlink()  # a fresh run starts a fresh log
+        sample = source.sample(cfg.init_tokens, seed=cfg.seed).to(device)
+        _check_finite(sample, source, "the initialisation sample")
+        mean_sq = sample.pow(2).sum(-1).mean()
+        scale = float(math.sqrt(d / float(mean_sq))) if cfg.normalize_input and mean_sq > 0 else 1.0
+        sample = sample * scale
+        with torch.no_grad():
+            if cfg.b_dec_init == "geometric_median":
+                sae.b_dec.copy_(geometric_median(sample))
+            elif cfg.b_dec_init == "mean":
+                sae.b_dec.copy_(sample.mean(0))
+        state["input_scale"] = scale
+
+    step_module = SaeTrainingStep(sae, cfg)
+    model = step_module
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
+    scale = state["input_scale"]
+    batches = source.batches(local_batch, seed=cfg.seed, rank=rank, world=world, skip=start_step)
+    log_path = out / "train_log.jsonl"
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not cfg.progress or rank != 0)
+    log_acc = _LogAccumulator()
+    step = start_step
+    for step in range(start_step, total_steps):
+        x = next(batches).to(device, non_blocking=True)
+        _check_finite(x, source, f"the batch of step {step}")
+        x = x * scale
+        lr = _lr_at(step, total_steps, peak_lr, cfg.warmup, cfg.decay)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, parts = _train_step(model, sae, opt, x, state, cfg, world)
+        if not math.isfinite(float(loss)):
+            raise MmsaeError(f"training diverged at step {step} (loss {float(loss)}); lower --lr; checkpoints in {out / 'checkpoints'} are kept")
+        state["tokens"] += cfg.batch_size
+        step_done = step + 1
+        log_acc.add(parts, float(loss))
+        bar.update(1)
+        if step_done % cfg.log_every == 0 or step_done == total_steps:
+            row = log_acc.row(step_done, lr, state, n_latents, cfg.dead_tokens)
+            if rank == 0:
+                append_jsonl(log_path, [row])
+                bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
+        if step_done % cfg.checkpoint_every == 0 and step_done < total_steps and rank == 0:
+            _save_checkpoint(out, step_done, sae, opt, state, cfg.keep_checkpoints)
+    bar.close()
+    if rank == 0:
+        _save_checkpoint(out, total_steps, sae, opt, state, cfg.keep_checkpoints)
+        final = SparseAutoencoder(SaeConfig(**sae.cfg.to_dict()))
+        final.load_state_dict({k: v.detach().cpu() for k, v in sae.state_dict().items()})
+        final.fold_scale(scale)
+        final.save(out, layout="sparsify")
+        write_json(out / "train_state.json", {"steps": total_steps, "tokens": state["tokens"], "input_scale": scale,
+                                              "lr": peak_lr, "world_size": world, "config": train_cfg_dict,
+                                              "source": source.describe()})
+    if world > 1:
+        dist.barrier()
+    return out
+
+
+def _train_step(model, sae: SparseAutoencoder, opt: torch.optim.Adam, x: torch.Tensor, state: dict, cfg: TrainConfig, world: int):
+    """One optimiser step on the local batch ``x`` (already scaled)."""
+    # the global batch's total variance: the FVU denominator on every rank
+    stats = torch.cat([x.pow(2).sum().reshape(1), x.sum(0)]).double()
+    _all_reduce(stats)
+    count = x.shape[0] * world
+    total_variance = (stats[0] - stats[1:].pow(2).sum() / count).clamp_min(1e-12).float()
+    dead_mask = state["tokens_since_fired"] >= cfg.dead_tokens
+    loss, parts = model(x, dead_mask if bool(dead_mask.any()) else None, total_variance, world)
+    loss.backward()
+    if sae.cfg.normalize_decoder:
+        sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        if sae.cfg.normalize_decoder:
+            sae.set_decoder_norm_to_unit_norm()
+        if sae.cfg.architecture == "jumprelu":
+            sae.threshold.clamp_(min=1e-6)
+        if sae.cfg.architecture == "batchtopk":
+            cut = parts["cut"].to(sae.threshold.dtype)
+            if state["threshold_initialised"]:
+                sae.threshold.mul_(0.99).add_(0.01 * cut)
+            else:
+                sae.threshold.fill_(float(cut))
+                state["threshold_initialised"] = True
+        fired = _all_reduce(parts["fired"].to(torch.int32), dist.ReduceOp.MAX if dist.is_initialized() else None) > 0
+        state["tokens_since_fired"] += cfg.batch_size
+        state["tokens_since_fired"][fired] = 0
+    reduced = _all_reduce(torch.stack([parts["fvu_part"], parts["l0"] / world, parts["auxk_part"]]).double())
+    parts = {"fvu": float(reduced[0]), "l0": float(reduced[1]), "auxk": float(reduced[2]), "fired": fired}
+    return _all_reduce(loss.detach().double()) / world, parts
+
+
+class _LogAccumulator:
+    """Averages loss parts over the steps between two log rows."""
+
+    def __init__(self):
+        self.rows = []
+        self.fired = None
+
+    def add(self, parts: dict, loss: float) -> None:
+        self.rows.append((loss, parts["fvu"], parts["l0"], parts["auxk"]))
+        self.fired = parts["fired"] if self.fired is None else self.fired | parts["fired"]
+
+    def row(self, step: int, lr: float, state: dict, n_latents: int, dead_tokens: int) -> dict:
+        n = len(self.rows)
+        loss, fvu, l0, auxk = (sum(r[i] for r in self.rows) / n for i in range(4))
+        dead = float((state["tokens_since_fired"] >= min(dead_tokens, state["tokens"])).float().mean()) if state["tokens"] else 0.0
+        self.rows, self.fired = [], None
+        return {"step": step, "loss": loss, "fvu": fvu, "l0": l0, "auxk": auxk, "dead_fraction": dead,
+                "lr": lr, "tokens": state["tokens"]}
+
+
+def _check_finite(x: torch.Tensor, source: ActivationSource, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        where = source.locate_nonfinite()
+        raise MmsaeError(f"NaN or inf activations in {what}{' (' + where + ')' if where else ''}; re-harvest or drop that shard; "
+                         "checkpoints written so far are kept")
