@@ -160,7 +160,8 @@ class ImageWriter:
                 self.samples[sample_id] = (rel, thumb)
         return self.samples[sample_id]
 
-    def example(self, feature: int, rank: int, ex) -> dict:
+    def example(self, feature: int, rank: int, ex, threshold: float, vmax: float | None) -> dict:
+        """Raw, overlay and mask views of one example; the mask keeps pixels above ``threshold``."""
         from ..heatmap import overlay
 
         out = {"sample_id": ex.sample_id, "score": _number(ex.score)}
@@ -169,14 +170,25 @@ class ImageWriter:
         if got is None or layout is None or getattr(layout, "image_size", None) is None:
             return out
         rel, thumb = got
+        full = np.asarray(ex.heatmap(), dtype=np.float32)
+        heat = _resize_map(full, thumb.size)
+        mask = np.asarray(Image.fromarray((full > threshold).astype(np.uint8) * 255).resize(thumb.size, Image.NEAREST)) > 0
+        views = {"overlay": overlay(thumb, heat, mode="overlay", vmax=vmax),
+                 "mask": overlay(thumb, heat, mode="mask", mask=mask)}
         out["raw"] = rel
-        heat = _resize_map(ex.heatmap(), thumb.size)
-        out["peak"] = _number(heat.max()) if heat.size else None
-        for mode in ("overlay", "mask"):
+        for mode, img in views.items():
             path = f"img/f/{bucket(feature)}/{feature}-{rank}-{mode}.jpg"
-            write_bytes(self.site / path, _jpeg(overlay(thumb, heat, mode=mode)))
+            write_bytes(self.site / path, _jpeg(img))
             out[mode] = path
         return out
+
+
+def mask_threshold(explanation: dict | None) -> tuple[float, dict]:
+    """The binarisation the explanation was made with (mmsae.heatmap's record), else the paper's (> 0)."""
+    record = (explanation or {}).get("binarization")
+    if isinstance(record, dict) and _number(record.get("threshold")) is not None:
+        return float(record["threshold"]), record
+    return 0.0, {"method": "paper", "threshold": 0.0}
 
 
 def feature_detail(data: RunData, feature: int, row: dict, images: ImageWriter | None, n_images: int) -> dict:
@@ -192,9 +204,10 @@ def feature_detail(data: RunData, feature: int, row: dict, images: ImageWriter |
     if data.index is not None and not row.get("d"):
         idx = data.index
         detail["stats"] = clean(idx.stats(feature))
-        examples = idx.top_examples(feature, n=n_images)
-        detail["examples"] = [images.example(feature, rank, ex) if images else {"sample_id": ex.sample_id, "score": _number(ex.score)}
-                              for rank, ex in enumerate(examples)]
+        threshold, detail["mask"] = mask_threshold(exp)
+        vmax = _number(detail["stats"].get("max_activation")) or None
+        detail["examples"] = [images.example(feature, rank, ex, threshold, vmax) for rank, ex in
+                              enumerate(idx.top_examples(feature, n=n_images))]
         detail["tokens"] = clean(idx.top_tokens(feature))[:20]
     detail["steering"] = [r for r in data.steering if _mentions(r, feature)][:20]
     return detail

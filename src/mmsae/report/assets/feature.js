@@ -60,7 +60,7 @@
     return svg;
   }
 
-  function images(examples) {
+  function images(examples, maskRecord) {
     var hasImages = examples.some(function (e) { return e.raw; });
     var toggle = el("div", { class: "toggle", id: "mode" }, ["raw", "overlay", "mask"].map(function (m) {
       var b = el("button", { type: "button", "data-mode": m, class: m === mode ? "on" : "" }, [m]);
@@ -77,6 +77,10 @@
       Array.prototype.forEach.call(grid.querySelectorAll("img"), function (img, i) {
         var e = examples[i]; if (e) img.setAttribute("src", e[mode] || e.raw);
       });
+    }
+    if (maskRecord) {
+      toggle.appendChild(el("span", { class: "muted note" }, [
+        "mask: activation > " + fmt(maskRecord.threshold) + " (" + (maskRecord.method || "") + " binarisation)"]));
     }
     return hasImages ? [toggle, grid] : [grid];
   }
@@ -148,7 +152,7 @@
       if (st.histogram && st.histogram.counts) kids.push(histogram(st.histogram));
       root.appendChild(section("Activations", kids));
     }
-    if (d.examples && d.examples.length) root.appendChild(section("Top images", images(d.examples)));
+    if (d.examples && d.examples.length) root.appendChild(section("Top images", images(d.examples, d.mask)));
     if (d.tokens && d.tokens.length) root.appendChild(section("Top text tokens", [tokens(d.tokens)]));
     if (d.steering && d.steering.length) root.appendChild(section("Steering", [steering(d.steering)]));
     document.body.setAttribute("data-ready", "1");
