@@ -139,7 +139,8 @@ class _Scorer:
     def __init__(self, cfg: ScoreConfig, index, explanations: dict[int, dict], features: list[int]):
         self.cfg, self.index, self.explanations = cfg, index, explanations
         self.partner = derangement(features, cfg.seed) if len(features) > 1 else {}
-        self.pool = sorted({int(e.sample_id) for f in index.features() for e in index.top_examples(f)})
+        # every image the index keeps (some feature's example): the pool for random images
+        self.pool = index.sample_ids()
         self.segmenter = self.full = self.clip = self.text = self.judge = None
         if "iou" in cfg.scorers:
             self.segmenter = load_segmenter(
@@ -172,8 +173,11 @@ class _Scorer:
         if not data.sample_ids:
             return []
         category = normalize_category(row.get("category"))
-        all_top = {int(e.sample_id) for e in self.index.top_examples(feature)}
-        rand_ids = random_images(self.pool, all_top, len(data.sample_ids), cfg.seed, feature)
+        # images known to activate the feature (its top list and its random sample where it fires)
+        # never serve as random or non-activating images
+        activating = {int(e.sample_id) for e in self.index.top_examples(feature)}
+        activating |= {int(e.sample_id) for e in self.index.random_examples(feature)}
+        rand_ids = random_images(self.pool, activating, len(data.sample_ids), cfg.seed, feature)
         rand_images = [self.index.image(s) for s in rand_ids]
         rand_metas = [self.index.sample_meta(s) for s in rand_ids]
         rand_maps = data.maps[:len(rand_ids)]  # the feature's own maps, laid over the random images

@@ -93,17 +93,21 @@ class TextSimilarity:
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> torch.Tensor:
-        """Normalised sentence embeddings [len(texts), D] (cached per text)."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
+        """Normalised sentence embeddings [len(texts), D].
+
+        One text per forward pass (no padding), so a text's embedding does not depend on what it
+        was batched with and scores are bit-for-bit reproducible; embeddings are cached per text.
+        """
+        for text in dict.fromkeys(texts):
+            if text in self._cache:
+                continue
             self._load()
-            inputs = self._tokenizer(missing, padding=True, truncation=True, max_length=256, return_tensors="pt")
+            inputs = self._tokenizer([text], truncation=True, max_length=256, return_tensors="pt")
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             hidden = self._model(**inputs).last_hidden_state.float()
             weights = inputs["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-            for text, emb in zip(missing, torch.nn.functional.normalize(pooled, dim=-1).cpu()):
-                self._cache[text] = emb
+            self._cache[text] = torch.nn.functional.normalize(pooled, dim=-1)[0].cpu()
         return torch.stack([self._cache[t] for t in texts])
 
     def score(self, text: str, references: list[str]) -> list[float]:

@@ -15,6 +15,8 @@ Model backends load lazily, on the first call, so choosing one costs nothing unt
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any, Protocol
 
 import numpy as np
@@ -59,17 +61,26 @@ class OracleSegmenter:
 
 
 def scene_from_meta(meta: dict[str, Any] | None):
-    """Regenerate a shapes-world scene from a sample's meta (what the index stores per image)."""
+    """Regenerate a shapes-world scene from a sample's meta (what the index stores per image).
+
+    Scenes are cached (a scorer asks for the same image several times); treat them as read-only.
+    """
+    if not meta:
+        raise MmsaeError("the oracle segmenter and text similarity need shapes-world sample meta, but the index "
+                         "has none; use --segmenter grounded-sam or clipseg and the clip scorer for real images")
+    return _scene(json.dumps(meta, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _scene(meta_json: str):
     from ..data import shapes
 
-    if not meta:
-        raise MmsaeError("the oracle segmenter needs shapes-world sample meta, but the index has none; "
-                         "use --segmenter grounded-sam or clipseg for real images")
+    meta = json.loads(meta_json)
     try:
         return shapes.scene_from_meta(meta)
     except (KeyError, TypeError, ValueError) as e:
-        raise MmsaeError(f"sample meta {meta!r} does not describe a shapes-world scene ({e}); "
-                         "the oracle segmenter only works on 'shapes:' data") from e
+        raise MmsaeError(f"sample meta (keys {sorted(meta)}) does not describe a shapes-world scene ({e}); "
+                         "the oracle segmenter and text similarity only work on 'shapes:' data") from e
 
 
 class ClipSegSegmenter:
@@ -184,16 +195,28 @@ def load_segmenter(name: str, *, clipseg_model: str = "CIDAS/clipseg-rd64-refine
     raise MmsaeError(f"unknown segmenter {name!r}; choose grounded-sam, clipseg, oracle or full")
 
 
-def region_caption(scene, activation: np.ndarray) -> str:
-    """The ground-truth caption of the scene object the activation covers most (shapes world).
 
-    Falls back to the whole scene's caption when the activation touches no object (the
-    background). Used by the text-similarity scorer as the reference for the explanation.
+def region_caption(scene, activation: np.ndarray) -> str:
+    """The ground-truth caption of the shapes-world region the activation covers most.
+
+    The regions are the scene's visible objects (captioned like "red striped star with a hole")
+    and the background (captioned with the scene type, e.g. "grass"). Used by the text-similarity
+    scorer as the reference the explanation is compared with.
     """
     activation = np.asarray(activation, dtype=bool)
-    best, best_overlap = None, 0
-    for obj, mask in zip(scene.objects, scene.masks):
-        overlap = int(np.logical_and(fit_mask(mask, activation.shape), activation).sum())
-        if overlap > best_overlap:
-            best, best_overlap = obj, overlap
-    return best.caption if best is not None else scene.caption
+    objects = scene.meta["objects"]
+    background = ~np.any(np.stack(scene.object_masks), axis=0) if scene.object_masks else None
+    regions = [(m, _object_caption(o)) for m, o in zip(scene.object_masks, objects)]
+    if background is not None:
+        regions.append((background, scene.meta["scene"]))
+    overlaps = [int(np.logical_and(fit_mask(m, activation.shape), activation).sum()) for m, _ in regions]
+    if not regions or max(overlaps) == 0:
+        return scene.caption
+    return regions[int(np.argmax(overlaps))][1]
+
+
+def _object_caption(obj: dict) -> str:
+    from ..data.shapes import object_phrase
+
+    part = obj.get("part")
+    return object_phrase(obj) + (f" with {'an' if part == 'outline' else 'a'} {part}" if part else "")

@@ -1,0 +1,148 @@
+"""score() end to end on a hand-built index of shapes-world scenes with the oracle segmenter.
+
+Each feature is made to fire exactly on one concept (its patch map is the concept's coverage of
+each grid cell), so a correct explanation must score high and another feature's explanation low.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmsae.data.shapes import ShapesWorld, concept_mask, scene_from_meta
+from mmsae.errors import MmsaeError
+from mmsae.index import IndexWriter
+from mmsae.io import read_jsonl
+from mmsae.models.base import Tile, TokenLayout
+from mmsae.score import ScoreConfig, score
+from mmsae.score.segmenters import OracleSegmenter
+from mmsae.score.segmenters import scene_from_meta as scene_from_meta_checked
+
+SIZE, GRID = 64, 8
+CONCEPTS = [("red", "colour"), ("circle", "object"), ("striped", "texture"), ("grass", "scene"),
+            ("blue", "colour"), ("square", "object"), ("sky", "scene"), ("dotted", "texture")]
+
+
+def grid_layout():
+    rows, cols = np.divmod(np.arange(GRID * GRID), GRID)
+    return TokenLayout(positions=torch.arange(GRID * GRID), tile=torch.zeros(GRID * GRID, dtype=torch.long),
+                       row=torch.as_tensor(rows), col=torch.as_tensor(cols),
+                       tiles=[Tile((0.0, 0.0, float(SIZE), float(SIZE)), GRID, GRID)], image_size=(SIZE, SIZE))
+
+
+def coverage(mask):
+    """Fraction of each grid cell the mask covers: the feature's 'activation' per patch."""
+    c = SIZE // GRID
+    return mask.reshape(GRID, c, GRID, c).mean(axis=(1, 3)).reshape(-1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    world = ShapesWorld(seed=1, size=SIZE)
+    writer = IndexWriter(root / "index", num_latents=len(CONCEPTS) + 2, top_n=5)
+    layout = grid_layout()
+    counts = {i: 0 for i in range(len(CONCEPTS))}
+    for i in range(120):
+        sample = world.sample(i)
+        scene = scene_from_meta(sample.meta)
+        writer.add_sample(i, sample.image, layout, meta=sample.meta)
+        for f, (concept, _) in enumerate(CONCEPTS):
+            mask = concept_mask(scene, concept)
+            if mask is None or not mask.any():
+                continue
+            if mask.sum() > 40 and counts[f] < 5:
+                writer.add_example(f, i, coverage(mask))
+                counts[f] += 1
+            else:  # the index's random sample of images where the feature fires
+                writer.add_example(f, i, coverage(mask), kind="random")
+    assert all(n == 5 for n in counts.values()), counts
+    writer.finish()
+    rows = [{"feature": f, "explanation": f"{c} regions", "concept": c, "category": cat}
+            for f, (c, cat) in enumerate(CONCEPTS)]
+    (root / "explanations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def config(run, **kw):
+    base = dict(run=str(run), segmenter="oracle", scorers=["iou", "text_similarity", "detection"], judge="oracle",
+                n_boot=200)
+    return ScoreConfig(**{**base, **kw})
+
+
+def test_oracle_segmenter_matches_ground_truth():
+    world = ShapesWorld(seed=3, size=SIZE)
+    for i in range(10):
+        sample = world.sample(i)
+        scene = scene_from_meta(sample.meta)
+        for name, truth in scene.masks.items():
+            mask = OracleSegmenter().segment(sample.image, name, sample.meta)
+            if truth.any():
+                assert mask is not None and mask.shape == (SIZE, SIZE)
+        obj = sample.meta["objects"][0]
+        mask = OracleSegmenter().segment(sample.image, f"{obj['colour']} {obj['shape']}", sample.meta)
+        assert mask is not None and mask[scene.object_masks[0]].all()
+        assert OracleSegmenter().segment(sample.image, "quantum entanglement", sample.meta) is None
+
+
+def test_score_end_to_end(run, capsys):
+    summary = score(config(run))
+    rows = read_jsonl(run / "scores.jsonl")
+    printed = capsys.readouterr().out
+    assert "| **total** |" in printed and (run / "scores.md").read_text().count("| **total** |") == 1
+    assert (run / "scores.csv").read_text().startswith("category,scorer,baseline")
+    total = {(s["scorer"], s["baseline"]): s for s in summary if s["category"] == "total"}
+    # every explanation names exactly the concept its feature fires on
+    # 'paper' binarisation (> 0) turns every partly covered 8 x 8 cell on, which caps IoU well below 1
+    assert total[("iou", "none")]["mean"] > 0.45
+    assert total[("iou", "shuffled")]["mean"] < 0.15
+    assert total[("iou", "random_images")]["mean"] < total[("iou", "none")]["mean"] - 0.3
+    assert total[("iou", "full_mask")]["mean"] < total[("iou", "none")]["mean"]
+    assert total[("iou_dataset", "none")]["mean"] > 0.45
+    assert total[("detection", "none")]["mean"] == 1.0  # the concept is in all top images, none of the others
+    assert total[("detection_auroc", "none")]["mean"] == 1.0
+    assert total[("detection", "shuffled")]["mean"] < 0.8
+    assert total[("text_similarity", "none")]["mean"] > total[("text_similarity", "shuffled")]["mean"]
+    assert total[("iou", "none")]["n"] == len(CONCEPTS)
+    # each row follows the contract
+    for r in rows:
+        assert set(r) == {"feature", "scorer", "baseline", "value", "category", "details"}
+    iou_rows = [r for r in rows if r["scorer"] == "iou" and r["baseline"] == "none"]
+    assert all(r["details"]["binarization"] == "paper" and len(r["details"]["per_image"]) == 5 for r in iou_rows)
+    shuffled = {r["feature"]: r["details"]["explanation_of"] for r in rows if r["baseline"] == "shuffled"}
+    assert all(f != g for f, g in shuffled.items())
+    categories = {r["feature"]: r["category"] for r in iou_rows}
+    assert categories[0] == "colour" and categories[3] == "scene"
+
+
+def test_score_is_deterministic_and_resumes(run, tmp_path):
+    first = read_jsonl(run / "scores.jsonl") if (run / "scores.jsonl").exists() else None
+    if first is None:
+        score(config(run))
+        first = read_jsonl(run / "scores.jsonl")
+    # a fresh output folder with the same settings gives identical rows
+    out = tmp_path / "again"
+    score(config(run, out=str(out), max_features=3))
+    assert len({r["feature"] for r in read_jsonl(out / "scores.jsonl")}) == 3
+    # simulate a crash mid-write: a truncated last line; the rerun completes the rest
+    with open(out / "scores.jsonl", "a") as f:
+        f.write('{"feature": 99, "scor')
+    score(config(run, out=str(out)))
+    again = read_jsonl(out / "scores.jsonl")
+    key = lambda r: (r["feature"], r["scorer"], r["baseline"])
+    assert sorted(map(json.dumps, sorted(again, key=key))) == sorted(map(json.dumps, sorted(first, key=key)))
+    # different settings on the same output are refused
+    with pytest.raises(MmsaeError, match="other settings"):
+        score(config(run, out=str(out), top=3))
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, run):
+    with pytest.raises(MmsaeError, match="--run"):
+        score(ScoreConfig())
+    with pytest.raises(MmsaeError, match="does not exist"):
+        score(ScoreConfig(run=str(tmp_path)))
+    with pytest.raises(MmsaeError, match="shapes-world"):
+        scene_from_meta_checked({})
+    with pytest.raises(MmsaeError, match="shapes-world"):
+        scene_from_meta_checked({"world": "photos"})
