@@ -17,6 +17,7 @@ ranks, so N processes compute what one process computes on the same global batch
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -31,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import MmsaeError
-from ..io import append_jsonl, ensure_dir, read_json, save_tensors, write_json
+from ..io import append_jsonl, ensure_dir, read_json, read_jsonl, save_tensors, write_json, write_text
 from .kernels import sparse_decode, sparse_encode
 from .model import SaeConfig, SparseAutoencoder
 from .sources import ActivationSource, TensorSource, open_activation_source
@@ -352,6 +353,10 @@ def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = Non
         start_step = meta["step"]
         state.update(tokens=meta["tokens"], input_scale=meta["input_scale"], threshold_initialised=meta["threshold_initialised"],
                      tokens_since_fired=meta["tokens_since_fired"])
+        if rank == 0 and (out / "train_log.jsonl").exists():
+            # rows logged after the checkpoint are redone by this run
+            kept = [r for r in read_jsonl(out / "train_log.jsonl") if r.get("step", 0) <= start_step]
+            write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     else:
         if rank == 0 and (out / "train_log.jsonl").exists():
             (out / "train_log.jsonl").unlink()  # a fresh run starts a fresh log
