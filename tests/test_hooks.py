@@ -154,9 +154,11 @@ def test_edit_and_capture_inside_generate(family):
     assert [o.shape[1] for o in seen.outputs] == [prompt_len] + [1] * (new_tokens - 1)
     # the captured (edited) stream equals a teacher-forced pass over the generated sequence
     seq = hooked.sequences[:, :-1]
-    forced = {k: v for k, v in batch.inputs.items()}
-    forced["input_ids"] = seq
-    forced["attention_mask"] = torch.cat([batch.attention_mask, torch.ones(seq.shape[0], seq.shape[1] - prompt_len, dtype=batch.attention_mask.dtype)], dim=1)
+    forced = dict(batch.inputs, input_ids=seq)
+    for key, value in batch.inputs.items():  # extend the per-token inputs over the new tokens
+        if key != "input_ids" and isinstance(value, torch.Tensor) and value.shape == batch.input_ids.shape:
+            fill = 1 if key == "attention_mask" else 0  # mm_token_type_ids: 0 = text
+            forced[key] = torch.cat([value, torch.full((seq.shape[0], seq.shape[1] - prompt_len), fill, dtype=value.dtype)], dim=1)
     with torch.no_grad(), edit(adapter.layer_module(layer), lambda h: h + vector), capture(adapter.layer_module(layer)) as full:
         adapter.model(**forced)
     mask = forced["attention_mask"].bool()

@@ -167,6 +167,18 @@ def brightness_anyres(adapter, batch, i):
     return packed[~packed.isnan()]
 
 
+def brightness_qwen(adapter, batch, i):
+    """pixel_values holds each image's patches with every merge x merge block consecutive,
+    blocks in token order; a token's brightness is its block's mean."""
+    grids = batch.inputs["image_grid_thw"]
+    has_image = [layout.image_size is not None for layout in batch.layouts]
+    image_index = sum(has_image[:i])
+    start = int(grids[:image_index].prod(-1).sum())
+    rows = batch.inputs["pixel_values"][start : start + int(grids[image_index].prod())]
+    merge = adapter.model.config.vision_config.spatial_merge_size
+    return rows.float().reshape(-1, merge * merge * rows.shape[1]).mean(1)
+
+
 PACK_KWARGS = {"llava_next": {"vision_feature_select_strategy": "default"}, "llava_onevision": {}}
 
 # per family: the brightness of each layout token's patch, read from the processor's pixel_values
@@ -174,6 +186,8 @@ PATCH_BRIGHTNESS = {
     "llava": brightness_llava,
     "llava_next": brightness_anyres,
     "llava_onevision": brightness_anyres,
+    "qwen2_vl": brightness_qwen,
+    "qwen2_5_vl": brightness_qwen,
 }
 
 
@@ -186,7 +200,7 @@ def white_fraction(adapter, brightness: torch.Tensor) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family", VISION)
-@pytest.mark.parametrize("size", [(64, 48), (36, 72), (100, 20)])
+@pytest.mark.parametrize("size", [(64, 48), (36, 72), (120, 40)])
 def test_heatmap_sends_marked_patch_to_the_white_block(family, size):
     """Per tile, mark the token whose processed patch is whitest: its heat must land on pixels
     of the original image that are as white as that patch."""

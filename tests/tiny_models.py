@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from mmsae.models.common import processor_without_video
+
 HIDDEN = 32
 TEXT_LAYERS = 3
 BASE_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -164,10 +166,103 @@ def _build_llava_next(out: Path) -> None:
     processor.save_pretrained(out)
 
 
+QWEN_SPECIALS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+
+
+def _qwen_text_kwargs(tokenizer) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
+def _qwen_token_ids(tokenizer) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+
+
+def _qwen_image_processor(patch: int, merge: int):
+    from transformers import Qwen2VLImageProcessorPil
+
+    # between 2x2 and 12x12 merged tokens
+    factor = patch * merge
+    return Qwen2VLImageProcessorPil(
+        patch_size=patch, merge_size=merge, temporal_patch_size=2, min_pixels=(2 * factor) ** 2, max_pixels=(12 * factor) ** 2
+    )
+
+
+def _build_qwen2_vl(out: Path) -> None:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    tokenizer = make_tokenizer(QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    patch, merge = 4, 2
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=HIDDEN, hidden_size=HIDDEN, num_heads=4, mlp_ratio=2, patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2),
+        text_config=_qwen_text_kwargs(tokenizer),
+        **_qwen_token_ids(tokenizer),
+    )
+    model = Qwen2VLForConditionalGeneration(config)
+    processor = processor_without_video(Qwen2VLProcessor)(
+        image_processor=_qwen_image_processor(patch, merge),
+        tokenizer=tokenizer,
+        chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _build_qwen2_5_vl(out: Path) -> None:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    tokenizer = make_tokenizer(QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    patch, merge = 4, 2
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=2,
+            hidden_size=HIDDEN,
+            out_hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_heads=4,
+            patch_size=patch,
+            spatial_merge_size=merge,
+            temporal_patch_size=2,
+            window_size=2 * patch * merge,
+            fullatt_block_indexes=[1],
+        ),
+        text_config=_qwen_text_kwargs(tokenizer),
+        **_qwen_token_ids(tokenizer),
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    processor = processor_without_video(Qwen2_5_VLProcessor)(
+        image_processor=_qwen_image_processor(patch, merge),
+        tokenizer=tokenizer,
+        chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
 BUILDERS = {
     "llama": _build_llama,
     "llava": _build_llava,
     "llava_next": _build_llava_next,
+    "qwen2_vl": _build_qwen2_vl,
+    "qwen2_5_vl": _build_qwen2_5_vl,
 }
 FAMILIES = tuple(BUILDERS)
 

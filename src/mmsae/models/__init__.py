@@ -8,13 +8,17 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 from ..errors import MmsaeError
 from .base import ModelAdapter, ModelInputs, Tile, TokenLayout, image_heatmap
 from .causal_lm import CausalLMAdapter
+from .common import processor_without_video
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
 # config.model_type -> adapter class; the one place a family is chosen
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     "llava": LlavaAdapter,
     "llava_next": LlavaNextAdapter,
+    "qwen2_vl": Qwen2VLAdapter,
+    "qwen2_5_vl": Qwen2_5_VLAdapter,
     "llama": CausalLMAdapter,
     "mistral": CausalLMAdapter,
     "qwen2": CausalLMAdapter,
@@ -30,6 +34,16 @@ def _adapter_class(model_type: str) -> type[ModelAdapter]:
     if model_type not in ADAPTERS:
         raise MmsaeError(f"model family {model_type!r} is not supported; supported model_type values: {', '.join(sorted(ADAPTERS))}")
     return ADAPTERS[model_type]
+
+
+def _load_processor(cls: type[ModelAdapter], model_id_or_path: str, trust_remote_code: bool):
+    try:
+        return AutoProcessor.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+    except (ImportError, OSError):
+        # a video processor that needs torchvision (or was not saved); images and text work without it
+        if cls.processor_class is None:
+            raise
+        return processor_without_video(cls.processor_class).from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
 
 
 def load_adapter(model_id_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu", trust_remote_code: bool = False) -> ModelAdapter:
@@ -49,7 +63,7 @@ def load_adapter(model_id_or_path: str, dtype: str | torch.dtype = "float32", de
     model = cls.model_class.from_pretrained(model_id_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.to(device).eval().requires_grad_(False)
     if cls.has_vision:
-        processor = AutoProcessor.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+        processor = _load_processor(cls, model_id_or_path, trust_remote_code)
     else:
         processor = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)

@@ -81,6 +81,8 @@ class ModelAdapter:
     family: str = ""
     # Hugging Face model class the family loads with (set by subclasses).
     model_class: type | None = None
+    # its processor class, for loading without the parts that need torchvision (videos)
+    processor_class: type | None = None
     has_vision: bool = True
 
     def __init__(self, model: torch.nn.Module, processor, model_id: str):

@@ -99,3 +99,19 @@ class ChatAdapter(ModelAdapter):
     def empty_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenLayout:
         z = torch.zeros(0, dtype=torch.long)
         return TokenLayout(z, z, z, z, [], None, self.text_positions(input_ids, attention_mask))
+
+
+def processor_without_video(processor_class: type) -> type:
+    """``processor_class`` minus its video processor.
+
+    Qwen2-VL-style processors require a video processor, and transformers' video processors
+    need torchvision; images and text do not. This subclass drops the video part so the
+    processor loads (``from_pretrained``) and saves with torch alone.
+    """
+
+    class WithoutVideo(processor_class):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    WithoutVideo.__name__ = WithoutVideo.__qualname__ = processor_class.__name__
+    return WithoutVideo
