@@ -1,0 +1,309 @@
+"""Explainer backends behind one interface.
+
+An :class:`Explainer` turns :class:`ExplainRequest` (a feature's highlighted top images and the
+prompt) into :class:`ExplainResult` (the explanation and, optionally, a concept label). ``run``
+yields results as they complete, so the pipeline writes each one at once and an interruption
+loses only the requests in flight.
+
+- :class:`OpenAIExplainer`: any OpenAI-compatible chat endpoint with image input, with a
+  concurrency limit (daemon worker threads: Ctrl-C returns at once).
+- :class:`HFExplainer`: a local transformers image-text-to-text model through
+  ``mmsae.models.load_adapter``, batched; the top images go as one montage image, so any
+  single-image model family works.
+- :class:`DemoExplainer`: offline, for the demo model. The demo model captions each top
+  example cropped to its activated region, and a deterministic vote keeps the words (colour,
+  texture, shape, part, scene) that most captions share. It is a small captioner plus a vote,
+  not a large model's judgement, and it says so in each row.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from ..errors import MmsaeError
+from . import concepts as concept_words
+from .openai_client import FatalRequestError, OpenAIClient, user_message
+from .prompts import CONCEPT_TEMPLATE
+
+
+@dataclass
+class ExplainRequest:
+    feature: int
+    images: list[Image.Image]  # the top examples, activated regions highlighted
+    prompt: str
+    evidence: list[int]  # their sample ids
+    binarization: dict | None = None  # how the highlighted regions were binarised
+
+
+@dataclass
+class ExplainResult:
+    explanation: str
+    concept: str | None = None
+    category: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+class Explainer:
+    """Base: batched ``explain_batch`` / ``label_batch``; subclasses may override ``run``."""
+
+    name = ""
+    model = ""
+    batch_size = 1
+
+    def explain_batch(self, requests: list[ExplainRequest]) -> list[ExplainResult]:
+        raise NotImplementedError
+
+    def label_batch(self, explanations: list[str]) -> list[tuple[str | None, str | None]]:
+        """Concept phrase and category per explanation (default: the keyword mapper)."""
+        return [concept_words.keyword_concept(e) for e in explanations]
+
+    def run(self, requests: Iterable[ExplainRequest], concepts: bool) -> Iterator[tuple[ExplainRequest, ExplainResult | Exception]]:
+        """Yield ``(request, result or the exception that failed it)`` as results complete."""
+        batch: list[ExplainRequest] = []
+        for request in requests:
+            batch.append(request)
+            if len(batch) == self.batch_size:
+                yield from self._run_batch(batch, concepts)
+                batch = []
+        if batch:
+            yield from self._run_batch(batch, concepts)
+
+    def _run_batch(self, batch: list[ExplainRequest], concepts: bool):
+        try:
+            results = self.explain_batch(batch)
+            if concepts:
+                todo = [i for i, r in enumerate(results) if r.concept is None]
+                labels = self.label_batch([results[i].explanation for i in todo]) if todo else []
+                for i, (concept, category) in zip(todo, labels):
+                    results[i].concept, results[i].category = concept, category
+        except FatalRequestError:
+            raise
+        except MmsaeError:
+            raise
+        except Exception as e:  # one bad batch fails its features; the rest go on
+            for request in batch:
+                yield request, e
+            return
+        for request, result in zip(batch, results):
+            yield request, result
+
+    def close(self) -> None:
+        pass
+
+
+def threaded(items: Iterable, fn: Callable, concurrency: int) -> Iterator[tuple[object, object]]:
+    """Apply ``fn`` on ``concurrency`` daemon threads; yield ``(item, result or exception)`` as done.
+
+    At most ``2 * concurrency`` items are taken from ``items`` ahead of the results, so a lazy
+    iterable (rendering images) is consumed as the work proceeds.
+    """
+    inbox: queue.Queue = queue.Queue()
+    outbox: queue.Queue = queue.Queue()
+
+    def worker() -> None:
+        while True:
+            item = inbox.get()
+            if item is _STOP:
+                return
+            try:
+                result = fn(item)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                result = e
+            outbox.put((item, result))
+
+    threads = [threading.Thread(target=worker, daemon=True, name=f"explain-{i}") for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    source, pending, exhausted = iter(items), 0, False
+    try:
+        while True:
+            while not exhausted and pending < 2 * concurrency:
+                try:
+                    inbox.put(next(source))
+                    pending += 1
+                except StopIteration:
+                    exhausted = True
+            if pending == 0:
+                return
+            while True:
+                try:
+                    item, result = outbox.get(timeout=0.2)  # short waits keep Ctrl-C responsive
+                    break
+                except queue.Empty:
+                    continue
+            pending -= 1
+            yield item, result
+    finally:
+        # drop queued work; requests in flight finish on their daemon threads and are ignored
+        while True:
+            try:
+                inbox.get_nowait()
+            except queue.Empty:
+                break
+        for _ in threads:
+            inbox.put(_STOP)
+
+
+_STOP = object()
+
+
+class OpenAIExplainer(Explainer):
+    name = "openai"
+
+    def __init__(self, client: OpenAIClient, concurrency: int = 8, image_size: int | None = 512):
+        if concurrency < 1:
+            raise MmsaeError(f"--concurrency must be at least 1, got {concurrency}")
+        self.client, self.concurrency, self.image_size = client, concurrency, image_size
+        self.model = client.model
+
+    def _one(self, request: ExplainRequest, concepts: bool) -> ExplainResult:
+        text = self.client.chat(user_message(request.prompt, request.images, self.image_size))
+        result = ExplainResult(" ".join(text.split()))
+        if concepts:
+            reply = self.client.chat([{"role": "user", "content": CONCEPT_TEMPLATE.format(explanation=result.explanation)}])
+            result.concept, result.category = concept_words.parse_concept_reply(reply)
+            if result.concept is None:  # an unreadable reply: fall back to keywords, and say so
+                result.concept, result.category = concept_words.keyword_concept(result.explanation)
+                result.details["concept_source"] = "keywords"
+        return result
+
+    def run(self, requests, concepts):
+        yield from threaded(requests, lambda r: self._one(r, concepts), self.concurrency)
+
+
+def montage(images: list[Image.Image], tile: int = 336, gap: int = 8) -> Image.Image:
+    """The images side by side (up to 3 a row), each fitted into a ``tile`` square, on white."""
+    cols = min(3, len(images))
+    rows = (len(images) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * tile + (cols - 1) * gap, rows * tile + (rows - 1) * gap), (255, 255, 255))
+    for i, im in enumerate(images):
+        im = im.convert("RGB")
+        scale = tile / max(im.size)
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+        x, y = (i % cols) * (tile + gap), (i // cols) * (tile + gap)
+        sheet.paste(im, (x + (tile - im.width) // 2, y + (tile - im.height) // 2))
+    return sheet
+
+
+def generate(adapter, images: list[Image.Image | None], prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy replies of an adapter's model to a batch of (image, prompt)."""
+    inputs = adapter.build_inputs(images, prompts)
+    with torch.inference_mode():
+        out = adapter.model.generate(**inputs.inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=adapter.tokenizer.pad_token_id)
+    new = out[:, inputs.inputs["input_ids"].shape[1]:]
+    return [" ".join(t.split()) for t in adapter.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _load(model: str, dtype: str, device: str):
+    from ..models import load_adapter
+
+    adapter = load_adapter(model, dtype=dtype, device=device)
+    if not adapter.has_vision:
+        raise FatalRequestError(f"model {model} takes no images ({adapter.family}); the explainer needs an image-text model")
+    return adapter
+
+
+class HFExplainer(Explainer):
+    name = "hf"
+
+    def __init__(self, model: str, batch_size: int = 4, max_new_tokens: int = 96, dtype: str = "float32",
+                 device: str = "cpu", tile: int = 336):
+        self.model, self.batch_size, self.max_new_tokens, self.tile = model, batch_size, max_new_tokens, tile
+        self.adapter = _load(model, dtype, device)
+
+    def explain_batch(self, requests):
+        sheets = [montage(r.images, self.tile) for r in requests]
+        prompts = [r.prompt + " The images are shown side by side in one picture." for r in requests]
+        return [ExplainResult(t) for t in generate(self.adapter, sheets, prompts, self.max_new_tokens)]
+
+    def label_batch(self, explanations):
+        replies = generate(self.adapter, [None] * len(explanations),
+                           [CONCEPT_TEMPLATE.format(explanation=e) for e in explanations], 40)
+        out = []
+        for e, reply in zip(explanations, replies):
+            concept, category = concept_words.parse_concept_reply(reply)
+            out.append((concept, category) if concept else concept_words.keyword_concept(e))
+        return out
+
+
+DEMO_PROMPT = "Describe the image."
+DEMO_VERSION = "demo-caption-vote-v1"
+
+
+def vote(descriptions: list[str]) -> tuple[str, str | None, str | None, dict]:
+    """Merge per-example descriptions: keep the attribute words a majority of them share.
+
+    Returns ``(explanation, concept, category, votes)``. Words are grouped by kind (colour,
+    texture, object, part, scene); a word wins its kind when more than half the descriptions
+    contain it. The category follows what is shared: a part, else an object (with its shared
+    colour and texture), else a texture, a colour, then a scene.
+    """
+    kinds = {"colour": concept_words.COLOUR_WORDS, "texture": concept_words.TEXTURE_WORDS - {"pattern", "patterned", "solid", "plain"},
+             "object": concept_words.OBJECT_WORDS, "part": concept_words.PART_WORDS, "scene": concept_words.SCENE_WORDS}
+    counts: dict[str, Counter] = {k: Counter() for k in kinds}
+    for d in descriptions:
+        words = {concept_words._SINGULAR.get(w, w) for w in concept_words._words(d)}
+        for kind, vocab in kinds.items():
+            counts[kind].update(w for w in words if w in vocab or w in {concept_words._SINGULAR.get(v, v) for v in vocab})
+    need = len(descriptions) / 2
+    shared = {k: next((w for w, c in counts[k].most_common() if c > need), None) for k in kinds}
+    votes = {k: dict(c.most_common(3)) for k, c in counts.items() if c}
+    colour, texture, obj, part, scene = (shared[k] for k in ("colour", "texture", "object", "part", "scene"))
+    n = len(descriptions)
+    if part:
+        concept, category = (f"{obj} {part}" if obj else part), "part"
+    elif obj:
+        concept, category = " ".join(w for w in (colour, texture, obj) if w), "object"
+    elif texture:
+        concept, category = texture, "texture"
+    elif colour:
+        concept, category = colour, "colour"
+    elif scene:
+        concept, category = scene, "scene"
+    else:
+        top = max(((w, c, k) for k in kinds for w, c in counts[k].items()), key=lambda t: t[1], default=None)
+        if top is None:
+            return "No shared concept: the descriptions name nothing in common.", None, None, votes
+        w, c, k = top
+        return f"Possibly {w} (named in {c} of {n} descriptions; no majority).", w, k, votes
+    defining = {"part": part, "object": obj, "texture": texture, "colour": colour, "scene": scene}[category]
+    support = counts[category][defining]
+    explanation = f"The highlighted regions show {concept}" + (f" {_scene_phrase(scene)}" if scene and category != "scene" else "")
+    return f"{explanation} (shared by {support} of {n} example descriptions).", concept, category, votes
+
+
+def _scene_phrase(scene: str) -> str:
+    return {"sky": "in the sky", "water": "on the water"}.get(scene, f"on the {scene}")
+
+
+class DemoExplainer(Explainer):
+    """The demo model captions each highlighted example; a majority vote merges the captions."""
+
+    name = "demo"
+
+    def __init__(self, model: str, batch_size: int = 8, max_new_tokens: int = 32, dtype: str = "float32", device: str = "cpu"):
+        self.model, self.batch_size, self.max_new_tokens = model, batch_size, max_new_tokens
+        self.adapter = _load(model, dtype, device)
+
+    def explain_batch(self, requests):
+        images = [im for r in requests for im in r.images]
+        captions: list[str] = []
+        for start in range(0, len(images), 16):
+            chunk = images[start:start + 16]
+            captions += generate(self.adapter, chunk, [DEMO_PROMPT] * len(chunk), self.max_new_tokens)
+        out, start = [], 0
+        for r in requests:
+            descriptions = captions[start:start + len(r.images)]
+            start += len(r.images)
+            explanation, concept, category, votes = vote(descriptions)
+            out.append(ExplainResult(explanation, concept, category,
+                                     {"descriptions": descriptions, "votes": votes, "method": DEMO_VERSION}))
+        return out
