@@ -179,6 +179,15 @@ def brightness_qwen(adapter, batch, i):
     return rows.float().reshape(-1, merge * merge * rows.shape[1]).mean(1)
 
 
+def brightness_idefics3(adapter, batch, i):
+    """Frames are the sub-images then the global image, each pixel-shuffled into
+    (patch * scale)-pixel cells read row by row."""
+    config = adapter.model.config
+    cell = config.vision_config.patch_size * config.scale_factor
+    frames = batch.inputs["pixel_values"][i][: len(batch.layouts[i].tiles)]
+    return torch.cat([patch_means(frame, cell).flatten() for frame in frames])
+
+
 PACK_KWARGS = {"llava_next": {"vision_feature_select_strategy": "default"}, "llava_onevision": {}}
 
 # per family: the brightness of each layout token's patch, read from the processor's pixel_values
@@ -188,6 +197,7 @@ PATCH_BRIGHTNESS = {
     "llava_onevision": brightness_anyres,
     "qwen2_vl": brightness_qwen,
     "qwen2_5_vl": brightness_qwen,
+    "idefics3": brightness_idefics3,
 }
 
 

@@ -257,12 +257,37 @@ def _build_qwen2_5_vl(out: Path) -> None:
     processor.save_pretrained(out)
 
 
+def _build_idefics3(out: Path) -> None:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
+
+    tags = ["<fake_token_around_image>", "<image>", "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)]
+    tokenizer = make_tokenizer(tags, {"image_token": "<image>"})
+    frame, patch, scale = 32, 4, 2
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=frame, patch_size=patch),
+        text_config=llama_text_config(len(tokenizer)).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=scale,
+    )
+    model = Idefics3ForConditionalGeneration(config)
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * frame}, max_image_size={"longest_edge": frame})
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=(frame // patch // scale) ** 2,
+        chat_template=chat_template("<image>"),
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
 BUILDERS = {
     "llama": _build_llama,
     "llava": _build_llava,
     "llava_next": _build_llava_next,
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
+    "idefics3": _build_idefics3,
 }
 FAMILIES = tuple(BUILDERS)
 

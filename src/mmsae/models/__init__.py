@@ -9,6 +9,7 @@ from ..errors import MmsaeError
 from .base import ModelAdapter, ModelInputs, Tile, TokenLayout, image_heatmap
 from .causal_lm import CausalLMAdapter
 from .common import processor_without_video
+from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
@@ -19,6 +20,8 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "llava_next": LlavaNextAdapter,
     "qwen2_vl": Qwen2VLAdapter,
     "qwen2_5_vl": Qwen2_5_VLAdapter,
+    "idefics3": Idefics3Adapter,
+    "smolvlm": SmolVLMAdapter,
     "llama": CausalLMAdapter,
     "mistral": CausalLMAdapter,
     "qwen2": CausalLMAdapter,

@@ -1,0 +1,78 @@
+"""Idefics3 and SmolVLM: image splitting into a grid of sub-images plus one global image.
+
+The processor resizes the image, stretches it to a whole number of ``max_image_size`` squares,
+cuts it into rows x cols sub-images, and adds the whole image squashed into one square (the
+global image). Each sub-image's patches are pixel-shuffled (``scale_factor`` x ``scale_factor``
+blocks into one token), so each frame gives a small square grid of tokens. In the text:
+``<fake_token_around_image><row_r_col_c>`` + tokens for each sub-image, then
+``<fake_token_around_image><global-img>`` + tokens. Tile 0 is the global image (as LLaVA-NeXT's
+base image), tiles 1.. the sub-images row by row.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration, SmolVLMProcessor
+
+from ..errors import MmsaeError
+from .base import Tile, TokenLayout
+from .common import ChatAdapter
+
+
+class Idefics3Adapter(ChatAdapter):
+    family = "idefics3"
+    model_class = Idefics3ForConditionalGeneration
+
+    def image_token_ids(self) -> list[int]:
+        """The patch token, the frame markers and the row/column/global tags (when single tokens)."""
+        tokenizer = self.tokenizer
+        ids = {int(self.model.config.image_token_id)}
+        markers = [self.processor.fake_image_token, getattr(self.processor, "global_image_tag", "<global-img>")]
+        markers += [f"<row_{r}_col_{c}>" for r in range(1, 9) for c in range(1, 9)]
+        for marker in markers:
+            token_id = tokenizer.convert_tokens_to_ids(marker)
+            if token_id is not None and token_id != tokenizer.unk_token_id:
+                ids.add(int(token_id))
+        return sorted(ids)
+
+    def tokens_per_frame(self) -> tuple[int, int]:
+        """(side, tokens) of one frame's token grid after the pixel shuffle."""
+        config = self.model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size // config.scale_factor
+        return side, side * side
+
+    def split_grid(self, width: int, height: int) -> tuple[int, int]:
+        """(rows, cols) of sub-images the processor cuts this image into (0, 0: global image only)."""
+        _, rows, cols = self.processor.image_processor.get_number_of_image_patches(height, width, {})
+        return rows, cols
+
+    def token_layouts(self, inputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int] | None]) -> list[TokenLayout]:
+        side, per_frame = self.tokens_per_frame()
+        image_id = self.model.config.image_token_id
+        layouts = []
+        for ids, mask, size in zip(inputs["input_ids"], inputs["attention_mask"], image_sizes):
+            positions = torch.nonzero(ids == image_id).flatten().cpu()
+            if size is None or positions.numel() == 0:
+                layouts.append(self.empty_layout(ids, mask))
+                continue
+            width, height = size
+            rows, cols = self.split_grid(width, height)
+            frames = rows * cols + 1
+            if positions.numel() != frames * per_frame:
+                raise MmsaeError(f"{self.model_id}: found {positions.numel()} image tokens for a {width}x{height} image, expected {frames * per_frame} (one image per sequence)")
+            tiles = [Tile((0.0, 0.0, float(width), float(height)), side, side)]
+            for r in range(rows):
+                for c in range(cols):
+                    tiles.append(Tile((c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows), side, side))
+            # frames come sub-images first, global image last; tile 0 is the global image
+            frame_tile = torch.tensor(list(range(1, frames)) + [0])
+            cell = torch.arange(per_frame).repeat(frames)
+            tile = frame_tile.repeat_interleave(per_frame)
+            layouts.append(TokenLayout(positions, tile, cell // side, cell % side, tiles, tuple(size), self.text_positions(ids, mask)))
+        return layouts
+
+
+class SmolVLMAdapter(Idefics3Adapter):
+    family = "smolvlm"
+    model_class = SmolVLMForConditionalGeneration
+    processor_class = SmolVLMProcessor
