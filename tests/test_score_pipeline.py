@@ -109,7 +109,7 @@ def test_score_end_to_end(run, capsys):
     for r in rows:
         assert set(r) == {"feature", "scorer", "baseline", "value", "category", "details"}
     iou_rows = [r for r in rows if r["scorer"] == "iou" and r["baseline"] == "none"]
-    assert all(r["details"]["binarization"] == "paper" and len(r["details"]["per_image"]) == 5 for r in iou_rows)
+    assert all(r["details"]["binarization"]["method"] == "paper" and len(r["details"]["per_image"]) == 5 for r in iou_rows)
     shuffled = {r["feature"]: r["details"]["explanation_of"] for r in rows if r["baseline"] == "shuffled"}
     assert all(f != g for f, g in shuffled.items())
     categories = {r["feature"]: r["category"] for r in iou_rows}

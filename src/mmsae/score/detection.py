@@ -12,8 +12,9 @@ Judges:
   only whether the explanation predicts activation, not a model's visual skill;
 * ``clip``: CLIP score of the explanation against each image; the judge is told how many images
   activate and picks that many highest-scoring ones;
-* ``chat``: a multimodal chat model asked a yes/no question per image (any callable
-  ``ask(image, question) -> str``, e.g. an explainer backend).
+* ``openai`` / ``hf``: a multimodal chat model (an OpenAI-compatible endpoint, or a local
+  transformers image-text model through mmsae's adapters, the demo model included) asked a yes/no
+  question per image, through the same clients the explainers use.
 """
 
 from __future__ import annotations
@@ -62,13 +63,13 @@ class OracleJudge:
 
     name = "oracle"
 
-    def judge(self, explanation: str, items: list[DetectionItem]) -> tuple[list[bool], list[float]]:
-        from .segmenters import scene_from_meta
+    def judge(self, explanation: str, items: list[DetectionItem], concept: str | None = None) -> tuple[list[bool], list[float]]:
         from ..data import shapes
+        from .segmenters import scene_from_meta
 
         found = []
         for item in items:
-            mask = shapes.concept_mask(scene_from_meta(item.meta), explanation)
+            mask = shapes.concept_mask(scene_from_meta(item.meta), concept or explanation)
             found.append(mask is not None and bool(np.asarray(mask).any()))
         return found, [float(f) for f in found]
 
@@ -81,7 +82,7 @@ class ClipJudge:
     def __init__(self, scorer):
         self.scorer = scorer
 
-    def judge(self, explanation: str, items: list[DetectionItem]) -> tuple[list[bool], list[float]]:
+    def judge(self, explanation: str, items: list[DetectionItem], concept: str | None = None) -> tuple[list[bool], list[float]]:
         scores = self.scorer.score(explanation, [item.image for item in items])
         n_pos = sum(item.activates for item in items)
         order = np.argsort(-np.asarray(scores), kind="stable")
@@ -90,24 +91,55 @@ class ClipJudge:
 
 
 class ChatJudge:
-    """Asks a multimodal chat model a yes/no question per image; the answer's first word decides."""
+    """Asks a multimodal chat model a yes/no question about each image; a reply starting "yes" says it fires.
+
+    ``ask(images, questions) -> replies`` answers a batch; ``question`` is a template with
+    ``{explanation}`` and/or ``{concept}``.
+    """
 
     name = "chat"
 
-    def __init__(self, ask: Callable[[Image.Image, str], str]):
-        self.ask = ask
+    def __init__(self, ask: Callable[[list[Image.Image], list[str]], list[str]], question: str = QUESTION):
+        self.ask, self.question = ask, question
 
-    def judge(self, explanation: str, items: list[DetectionItem]) -> tuple[list[bool], list[float]]:
-        question = QUESTION.format(explanation=explanation)
-        said_yes = [self.ask(item.image, question).strip().lower().startswith("yes") for item in items]
+    def judge(self, explanation: str, items: list[DetectionItem], concept: str | None = None) -> tuple[list[bool], list[float]]:
+        question = self.question.format(explanation=explanation, concept=concept or explanation)
+        replies = self.ask([item.image for item in items], [question] * len(items))
+        said_yes = [r.strip().lower().lstrip("\"'*").startswith("yes") for r in replies]
         return said_yes, [float(y) for y in said_yes]
 
 
-def detect(judge, explanation: str, items: list[DetectionItem], seed: int) -> dict[str, Any]:
-    """Shuffle the mix (seeded), let the judge answer, and score its answers against the truth."""
+def openai_asker(client, image_size: int | None = 512):
+    """``ask`` for :class:`ChatJudge` over an OpenAI-compatible endpoint (explain's client)."""
+    from ..explain.openai_client import user_message
+
+    def ask(images, questions):
+        return [client.chat(user_message(q, [im], image_size)) for im, q in zip(images, questions)]
+
+    return ask
+
+
+def adapter_asker(adapter, max_new_tokens: int = 4, batch_size: int = 8):
+    """``ask`` for :class:`ChatJudge`: greedy replies of a local image-text model (a ModelAdapter)."""
+    from ..explain.backends import generate
+
+    def ask(images, questions):
+        replies = []
+        for i in range(0, len(images), batch_size):
+            replies += generate(adapter, images[i:i + batch_size], questions[i:i + batch_size], max_new_tokens)
+        return replies
+
+    return ask
+
+
+def detect(judge, explanation: str, items: list[DetectionItem], seed: int, concept: str | None = None) -> dict[str, Any]:
+    """Shuffle the mix (seeded), let the judge answer, and score its answers against the truth.
+
+    Judges return ``(said_yes, confidence)`` per image; ``concept`` is the short phrase, when known.
+    """
     order = np.random.default_rng(seed).permutation(len(items)).tolist()
     shuffled = [items[i] for i in order]
-    predictions, scores = judge.judge(explanation, shuffled)
+    predictions, scores = judge.judge(explanation, shuffled, concept=concept)
     labels = [item.activates for item in shuffled]
     return {
         "balanced_accuracy": balanced_accuracy(labels, predictions),
