@@ -112,3 +112,26 @@ def test_summary_and_table_layout():
     csv = csv_table(summary).splitlines()
     assert csv[0] == "category,scorer,baseline,n,mean,ci_low,ci_high"
     assert "total,iou,none,3,0.5," in "\n".join(csv)
+
+
+def test_chat_judge_reads_yes_no_replies_and_fills_the_template():
+    from PIL import Image
+
+    from mmsae.score.detection import ChatJudge, DetectionItem, detect
+
+    asked = []
+
+    def ask(images, questions):
+        asked.extend(questions)
+        return [("Yes." if im.getpixel((0, 0))[0] > 128 else "no, it does not") for im in images]
+
+    red, black = Image.new("RGB", (4, 4), (255, 0, 0)), Image.new("RGB", (4, 4), (0, 0, 0))
+    items = [DetectionItem(i, red if i < 3 else black, {}, activates=i < 3) for i in range(6)]
+    judge = ChatJudge(ask, "Is there {concept}? ({explanation})")
+    result = detect(judge, "red things", items, seed=0, concept="red")
+    assert asked[0] == "Is there red? (red things)"
+    assert result["balanced_accuracy"] == 1.0 and result["auroc"] == 1.0
+    assert sorted(result["sample_ids"]) == list(range(6)) and result["sample_ids"] != list(range(6))
+    # a judge that always says yes is at chance
+    always = detect(ChatJudge(lambda ims, qs: ["YES"] * len(ims)), "red", items, seed=0)
+    assert always["balanced_accuracy"] == 0.5 and always["auroc"] == 0.5
