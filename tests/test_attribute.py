@@ -162,3 +162,22 @@ def test_bad_input_is_one_line_error(tmp_path):
                                         hook_point="vision_tower.layers.1"))
     with pytest.raises(MmsaeError, match="hook point"):
         attribute_answer(adapter, other, objective)
+
+
+def test_demo_steering_writes_its_findings(tmp_path):
+    from mmsae.attribute import _mentions, demo_steering
+
+    adapter = tiny_adapter("llava")
+    summary = demo_steering(adapter, make_sae(adapter), tmp_path, n_images=3, targets={"colour": ("red",)}, n_find=1,
+                            candidates=1, multiples=(4.0,), spans=("image",), n_validate=2, max_new_tokens=3)
+    saved = json.loads((tmp_path / "steering" / "demo_steering.json").read_text())
+    assert saved == summary and len(saved["targets"]) == 1
+    target = saved["targets"][0]
+    assert target["target"] == "red" and target["n"] == 3 and target["span"] == "image"
+    rows = [json.loads(line) for line in (tmp_path / "steering" / "steering.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["true_answer"] != "red" for r in rows)  # held-out scenes that are not red
+    assert target["success"] == sum(_mentions(r["steered"], "red") for r in rows) / 3
+    assert all((tmp_path / "steering" / r["image"]).exists() for r in rows)
+    att = json.loads((tmp_path / "attribution" / "attribution.json").read_text())
+    assert att["answer"] == "red" and att["objective_kind"] == "logit_difference"
+    assert (tmp_path / "attribution" / att["heatmaps"]["all"]).exists()
