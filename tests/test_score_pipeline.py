@@ -146,3 +146,21 @@ def test_bad_inputs_are_one_line_errors(tmp_path, run):
         scene_from_meta_checked({})
     with pytest.raises(MmsaeError, match="shapes-world"):
         scene_from_meta_checked({"world": "photos"})
+
+
+def test_hf_judge_through_a_tiny_image_text_model(run, tmp_path):
+    """The hf judge path end to end: a local adapter answers the yes/no question for each image."""
+    from tiny_models import tiny_model
+
+    out = tmp_path / "hf"
+    score(config(run, out=str(out), scorers=["detection"], judge="hf", judge_model=tiny_model("llava"),
+                 judge_prompt="Is there {concept}?", max_features=2, baselines=["shuffled"]))
+    rows = read_jsonl(out / "scores.jsonl")
+    assert {(r["feature"], r["baseline"]) for r in rows} == {(0, "none"), (0, "shuffled"), (1, "none"), (1, "shuffled")}
+    for r in rows:
+        d = r["details"]
+        assert d["judge"] == "hf" and len(d["predictions"]) == 10 and sum(d["labels"]) == 5
+        # a random tiny model rarely says "yes"; whatever it says, the scores follow from its answers
+        from mmsae.score.detection import balanced_accuracy
+
+        assert r["value"] == balanced_accuracy(d["labels"], d["predictions"])

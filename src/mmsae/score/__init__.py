@@ -227,7 +227,9 @@ class _Scorer:
         def emit(scorer: str, baseline: str, value: float, **details):
             details.setdefault("sample_ids", data.sample_ids)
             if baseline == "shuffled":
+                # features can share a concept (two "red" features): such pairs are kept, and flagged
                 details["explanation_of"] = partner
+                details["same_concept"] = texts["shuffled"][1].lower() == texts["none"][1].lower()
             rows.append({"feature": feature, "scorer": scorer, "baseline": baseline, "value": float(value),
                          "category": category, "details": details})
 
