@@ -188,7 +188,7 @@ def brightness_idefics3(adapter, batch, i):
     return torch.cat([patch_means(frame, cell).flatten() for frame in frames])
 
 
-PACK_KWARGS = {"llava_next": {"vision_feature_select_strategy": "default"}, "llava_onevision": {}}
+PACK_KWARGS = {"llava_next": {"vision_feature_select_strategy": "default"}, "llava_onevision": {"vision_aspect_ratio": "anyres_max_4"}}
 
 # per family: the brightness of each layout token's patch, read from the processor's pixel_values
 PATCH_BRIGHTNESS = {

@@ -281,10 +281,42 @@ def _build_idefics3(out: Path) -> None:
     processor.save_pretrained(out)
 
 
+def _build_llava_onevision(out: Path) -> None:
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor, SiglipVisionConfig
+
+    tokenizer = make_tokenizer(["<image>", "<video>"], {"image_token": "<image>", "video_token": "<video>"})
+    crop, patch = 16, 4
+    pinpoints = [[h * crop, w * crop] for h in (1, 2, 3) for w in (1, 2, 3)]
+    vision = SiglipVisionConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=crop, patch_size=patch)
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=llama_text_config(len(tokenizer)),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_4",  # large grids get shrunk, small ones keep their crops
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    model = LlavaOnevisionForConditionalGeneration(config)
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints)
+    processor = processor_without_video(LlavaOnevisionProcessor)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=(crop // patch) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_4",
+        chat_template=chat_template("<image>\n"),
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
 BUILDERS = {
     "llama": _build_llama,
     "llava": _build_llava,
     "llava_next": _build_llava_next,
+    "llava_onevision": _build_llava_onevision,
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
     "idefics3": _build_idefics3,

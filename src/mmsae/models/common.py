@@ -31,9 +31,16 @@ class ChatAdapter(ModelAdapter):
     Without a chat template the prompt is used as is, after the family's image placeholder.
     """
 
+    @property
+    def image_token_id(self) -> int:
+        """The placeholder token that the processor repeats once per image feature."""
+        config = self.model.config
+        token_id = getattr(config, "image_token_id", None)
+        return int(token_id if token_id is not None else config.image_token_index)
+
     # token ids that belong to an image (patches, newlines, separators): never "text"
     def image_token_ids(self) -> list[int]:
-        return [int(self.model.config.image_token_id)]
+        return [self.image_token_id]
 
     def image_placeholder(self) -> str:
         return getattr(self.processor, "image_token", "<image>")
@@ -104,14 +111,17 @@ class ChatAdapter(ModelAdapter):
 def processor_without_video(processor_class: type) -> type:
     """``processor_class`` minus its video processor.
 
-    Qwen2-VL-style processors require a video processor, and transformers' video processors
-    need torchvision; images and text do not. This subclass drops the video part so the
-    processor loads (``from_pretrained``) and saves with torch alone.
+    Qwen2-VL- and OneVision-style processors require a video processor, and transformers' video
+    processors need torchvision; images and text do not. transformers builds, checks, loads and
+    saves a processor's parts from ``get_attributes()``, so leaving ``video_processor`` out of
+    that list lets the processor load and save with torch alone (its ``video_processor``
+    argument stays None).
     """
 
     class WithoutVideo(processor_class):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+        @classmethod
+        def get_attributes(cls):
+            return [name for name in super().get_attributes() if name != "video_processor"]
 
     WithoutVideo.__name__ = WithoutVideo.__qualname__ = processor_class.__name__
     return WithoutVideo

@@ -26,7 +26,7 @@ class Idefics3Adapter(ChatAdapter):
     def image_token_ids(self) -> list[int]:
         """The patch token, the frame markers and the row/column/global tags (when single tokens)."""
         tokenizer = self.tokenizer
-        ids = {int(self.model.config.image_token_id)}
+        ids = {self.image_token_id}
         markers = [self.processor.fake_image_token, getattr(self.processor, "global_image_tag", "<global-img>")]
         markers += [f"<row_{r}_col_{c}>" for r in range(1, 9) for c in range(1, 9)]
         for marker in markers:
@@ -48,7 +48,7 @@ class Idefics3Adapter(ChatAdapter):
 
     def token_layouts(self, inputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int] | None]) -> list[TokenLayout]:
         side, per_frame = self.tokens_per_frame()
-        image_id = self.model.config.image_token_id
+        image_id = self.image_token_id
         layouts = []
         for ids, mask, size in zip(inputs["input_ids"], inputs["attention_mask"], image_sizes):
             positions = torch.nonzero(ids == image_id).flatten().cpu()

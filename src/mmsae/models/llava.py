@@ -23,7 +23,7 @@ class LlavaAdapter(ChatAdapter):
 
     def token_layouts(self, inputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int] | None]) -> list[TokenLayout]:
         rows, cols = self.patch_grid()
-        image_id = self.model.config.image_token_id
+        image_id = self.image_token_id
         layouts = []
         for ids, mask, size in zip(inputs["input_ids"], inputs["attention_mask"], image_sizes):
             positions = torch.nonzero(ids == image_id).flatten().cpu()

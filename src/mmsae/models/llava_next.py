@@ -150,7 +150,7 @@ class LlavaNextAdapter(ChatAdapter):
         return tiles, cells, torch.cat([positions[: len(base)], high_positions])
 
     def token_layouts(self, inputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int] | None]) -> list[TokenLayout]:
-        image_id = self.model.config.image_token_id
+        image_id = self.image_token_id
         layouts = []
         for ids, mask, size in zip(inputs["input_ids"], inputs["attention_mask"], image_sizes):
             positions = torch.nonzero(ids == image_id).flatten().cpu()

@@ -24,14 +24,14 @@ class Qwen2VLAdapter(ChatAdapter):
 
     def image_token_ids(self) -> list[int]:
         config = self.model.config
-        return [int(config.image_token_id), int(config.vision_start_token_id), int(config.vision_end_token_id)]
+        return [self.image_token_id, int(config.vision_start_token_id), int(config.vision_end_token_id)]
 
     def image_placeholder(self) -> str:
         return "<|vision_start|><|image_pad|><|vision_end|>"
 
     def token_layouts(self, inputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int] | None]) -> list[TokenLayout]:
         merge = self.model.config.vision_config.spatial_merge_size
-        image_id = self.model.config.image_token_id
+        image_id = self.image_token_id
         grids = iter(inputs["image_grid_thw"].tolist()) if "image_grid_thw" in inputs else iter(())
         layouts = []
         for ids, mask, size in zip(inputs["input_ids"], inputs["attention_mask"], image_sizes):
