@@ -11,7 +11,7 @@ from PIL import Image
 from mmsae.hooks import capture, edit, run_until
 from tiny_models import FAMILIES, tiny_adapter
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
 def two_samples(adapter):
@@ -157,7 +157,9 @@ def test_edit_and_capture_inside_generate(family):
     forced = dict(batch.inputs, input_ids=seq)
     for key, value in batch.inputs.items():  # extend the per-token inputs over the new tokens
         if key != "input_ids" and isinstance(value, torch.Tensor) and value.shape == batch.input_ids.shape:
-            fill = 1 if key == "attention_mask" else 0  # mm_token_type_ids: 0 = text
+            # attention_mask: real tokens; token_type_ids (PaliGemma): 1 = generated suffix, causal;
+            # mm_token_type_ids (Qwen): 0 = text
+            fill = 1 if key in ("attention_mask", "token_type_ids") else 0
             forced[key] = torch.cat([value, torch.full((seq.shape[0], seq.shape[1] - prompt_len), fill, dtype=value.dtype)], dim=1)
     with torch.no_grad(), edit(adapter.layer_module(layer), lambda h: h + vector), capture(adapter.layer_module(layer)) as full:
         adapter.model(**forced)

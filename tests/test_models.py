@@ -15,7 +15,7 @@ from mmsae.models import ADAPTERS, image_heatmap, load_adapter
 from mmsae.models.base import Tile, TokenLayout
 from tiny_models import FAMILIES, tiny_adapter, tiny_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 VISION = [f for f in FAMILIES if f != "llama"]
 
@@ -95,13 +95,20 @@ def test_text_only_model_refuses_images():
         adapter.build_inputs([Image.new("RGB", (8, 8))], ["hi"])
 
 
+def test_paligemma_needs_an_image_per_prompt():
+    adapter = tiny_adapter("paligemma")
+    with pytest.raises(MmsaeError, match="needs an image"):
+        adapter.build_inputs([Image.new("RGB", (8, 8)), None], ["hi", "there"])
+
+
 # --- geometry ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", VISION)
 def test_layout_agrees_with_processor(family):
     adapter = tiny_adapter(family)
-    images = [square_image((40, 30), (5, 5, 15, 15)), None, square_image((24, 50), (0, 0, 8, 8))]
+    text_only = square_image((30, 30), (0, 0, 30, 30)) if adapter.requires_image else None
+    images = [square_image((40, 30), (5, 5, 15, 15)), text_only, square_image((24, 50), (0, 0, 8, 8))]
     batch = adapter.build_inputs(images, ["a", "text only, longer", "b"])
     ids, mask = batch.input_ids, batch.attention_mask
     placeholder_ids = torch.tensor(adapter.image_token_ids())
@@ -198,6 +205,7 @@ PATCH_BRIGHTNESS = {
     "qwen2_vl": brightness_qwen,
     "qwen2_5_vl": brightness_qwen,
     "idefics3": brightness_idefics3,
+    "paligemma": brightness_llava,
 }
 
 

@@ -312,6 +312,41 @@ def _build_llava_onevision(out: Path) -> None:
     processor.save_pretrained(out)
 
 
+def _build_paligemma(out: Path) -> None:
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil, SiglipVisionConfig
+
+    tokenizer = make_tokenizer(["<image>"], {"image_token": "<image>"})
+    image_size, patch = 32, 8
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // patch) ** 2
+    # the processor adds PaliGemma's <locNNNN>/<segNNN> tokens to the tokenizer: build it first
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    text = GemmaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    vision = SiglipVisionConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=image_size, patch_size=patch, projection_dim=HIDDEN)
+    config = PaliGemmaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projection_dim=HIDDEN,
+        hidden_size=HIDDEN,
+    )
+    model = PaliGemmaForConditionalGeneration(config)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
 BUILDERS = {
     "llama": _build_llama,
     "llava": _build_llava,
@@ -320,6 +355,7 @@ BUILDERS = {
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
     "idefics3": _build_idefics3,
+    "paligemma": _build_paligemma,
 }
 FAMILIES = tuple(BUILDERS)
 

@@ -13,6 +13,7 @@ from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .paligemma import PaliGemmaAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
 # config.model_type -> adapter class; the one place a family is chosen
@@ -24,6 +25,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "qwen2_5_vl": Qwen2_5_VLAdapter,
     "idefics3": Idefics3Adapter,
     "smolvlm": SmolVLMAdapter,
+    "paligemma": PaliGemmaAdapter,
     "llama": CausalLMAdapter,
     "mistral": CausalLMAdapter,
     "qwen2": CausalLMAdapter,

@@ -84,6 +84,8 @@ class ModelAdapter:
     # its processor class, for loading without the parts that need torchvision (videos)
     processor_class: type | None = None
     has_vision: bool = True
+    # every sequence must carry an image (PaliGemma)
+    requires_image: bool = False
 
     def __init__(self, model: torch.nn.Module, processor, model_id: str):
         self.model = model
