@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MmsaeError
-from ..io import ensure_dir, write_text
+from ..io import ensure_dir
 from .features import write_features, write_list, list_rows
 from .pages import copy_assets, write_feature_page, write_index_page, write_report
 from .rundata import load_run
-from .safe import js_put
+from .safe import js_put, write_file
 
 SITE_MARKER = ".mmsae-site"
 
@@ -43,9 +43,9 @@ class DashboardConfig:
     sae: str | None = field(default=None, metadata={"help": "SAE folder (default: RUN/sae)"})
     serve: bool = field(default=False, metadata={"help": "after building, serve the site on 127.0.0.1 until Ctrl-C"})
     port: int = field(default=8000, metadata={"help": "port for --serve (0 picks a free one)"})
-    max_features: int | None = field(default=None, metadata={
-        "help": "write pages for at most this many features, best first (default: every live or explained feature); "
-                "the list always holds all"})
+    max_features: int = field(default=2000, metadata={
+        "help": "write pages (with images) for at most this many features, best first: scored, then explained, then "
+                "most frequent; the list always holds every feature. Pass 0 for no limit"})
     n_images: int = field(default=5, metadata={"help": "top images shown per feature"})
     thumb_size: int = field(default=224, metadata={"help": "longest side of the image thumbnails, in pixels"})
     chunk_size: int = field(default=1000, metadata={"help": "features per list chunk file"})
@@ -54,15 +54,20 @@ class DashboardConfig:
     title: str | None = field(default=None, metadata={"help": "site title (default: the run folder's name)"})
 
 
-def _prepare(site: Path) -> None:
-    """Start from a clean site folder, but only ever delete a folder this function made."""
-    if site.exists() and any(site.iterdir()):
-        if not (site / SITE_MARKER).exists():
-            raise MmsaeError(f"{site} exists and is not a dashboard folder; pass an empty or new --out")
-        for sub in ("data", "img", "plots", "assets"):
-            shutil.rmtree(site / sub, ignore_errors=True)
-    ensure_dir(site)
-    (site / SITE_MARKER).write_text("made by mmsae dashboard; the folder is rebuilt on each run\n")
+def _check_out(site: Path) -> None:
+    """Refuse to replace a folder that is neither empty nor a site this function built."""
+    if site.exists() and (not site.is_dir() or (any(site.iterdir()) and not (site / SITE_MARKER).exists())):
+        raise MmsaeError(f"{site} exists and is not a dashboard folder; pass an empty or new --out")
+
+
+def _swap_in(building: Path, site: Path) -> None:
+    """Replace ``site`` by the finished ``building`` folder with renames, so no half-built site is ever seen."""
+    old = site.parent / f".{site.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if site.exists():
+        site.rename(old)
+    building.rename(site)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_dashboard(cfg: DashboardConfig) -> Path:
@@ -71,12 +76,17 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
         raise MmsaeError("--chunk-size and --page-size must be >= 1, --n-images >= 0 and --thumb-size >= 16")
     data = load_run(cfg.run, cfg.sae)
     site = Path(cfg.out) if cfg.out else Path(cfg.run) / "site"
-    _prepare(site)
+    _check_out(site)
+    ensure_dir(site.parent)
+    building = site.parent / f".{site.name}.building"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    (building / SITE_MARKER).write_text("made by mmsae dashboard; the folder is replaced on each build\n")
     title = cfg.title or Path(cfg.run).resolve().name
 
     rows, facts = list_rows(data, cfg.dense_threshold)
-    pages = write_features(site, data, rows, cfg.max_features, cfg.n_images, cfg.thumb_size)
-    n_chunks = write_list(site, rows, cfg.chunk_size)
+    pages = write_features(building, data, rows, cfg.max_features or None, cfg.n_images, cfg.thumb_size)
+    n_chunks = write_list(building, rows, cfg.chunk_size)
     meta = {
         "title": title, "model": data.model, "layer": data.layer, "hook_point": data.hook_point,
         "num_latents": data.num_latents, "n_rows": len(rows), "n_live": len(rows) - facts["n_dead"],
@@ -84,12 +94,16 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
         "n_feature_pages": len(pages), "dense_threshold": cfg.dense_threshold,
         "missing": data.missing, "problems": data.problems, **facts,
     }
-    write_text(site / "data" / "meta.js", js_put("meta", meta))
-    copy_assets(site)
-    write_index_page(site, title)
-    write_feature_page(site, title)
-    write_report(site, data, facts, title, pages)
+    write_file(building / "data" / "meta.js", js_put("meta", meta))
+    copy_assets(building)
+    write_index_page(building, title)
+    write_feature_page(building, title)
+    write_report(building, data, facts, title, pages)
+    _swap_in(building, site)
     index = site / "index.html"
+    n_live = len(rows) - facts["n_dead"]
+    if len(pages) < n_live:
+        print(f"dashboard: pages for the best {len(pages)} of {n_live} live features (--max-features); the list has all")
     print(f"dashboard: {index.resolve()}")
     print(f"run report: {(site / 'report.html').resolve()}")
     if cfg.serve:

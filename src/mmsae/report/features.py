@@ -17,9 +17,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..io import write_bytes, write_text
 from .rundata import RunData
-from .safe import clean, js_put
+from .safe import clean, js_put, write_file
 from .tables import feature_scores
 
 LIST_TEXT_CHARS = 300  # explanations are cut to this length in the list (the feature page has all)
@@ -65,7 +64,7 @@ def list_rows(data: RunData, dense_threshold: float) -> tuple[list[dict], dict]:
     if n:
         ids |= set(range(n))
     rows = []
-    for f in tqdm(sorted(ids), desc="dashboard: features", unit="feature", disable=len(ids) < 5000):
+    for f in tqdm(sorted(ids), desc="dashboard: features", unit="feature", disable=len(ids) < 5000, mininterval=1.0):
         row: dict = {"f": f}
         exp = data.explanations.get(f)
         if exp:
@@ -113,7 +112,7 @@ def list_rows(data: RunData, dense_threshold: float) -> tuple[list[dict], dict]:
 def write_list(site: Path, rows: list[dict], chunk_size: int) -> int:
     n_chunks = max(1, math.ceil(len(rows) / chunk_size))
     for i in range(n_chunks):
-        write_text(site / "data" / "list" / f"{i:05d}.js", js_put(f"list/{i}", rows[i * chunk_size:(i + 1) * chunk_size]))
+        write_file(site / "data" / "list" / f"{i:05d}.js", js_put(f"list/{i}", rows[i * chunk_size:(i + 1) * chunk_size]))
     return n_chunks
 
 
@@ -156,7 +155,7 @@ class ImageWriter:
             else:
                 thumb = _thumbnail(img, self.size)
                 rel = f"img/s/{_safe_name(sample_id)}.jpg"
-                write_bytes(self.site / rel, _jpeg(thumb))
+                write_file(self.site / rel, _jpeg(thumb))
                 self.samples[sample_id] = (rel, thumb)
         return self.samples[sample_id]
 
@@ -178,7 +177,7 @@ class ImageWriter:
         out["raw"] = rel
         for mode, img in views.items():
             path = f"img/f/{bucket(feature)}/{feature}-{rank}-{mode}.jpg"
-            write_bytes(self.site / path, _jpeg(img))
+            write_file(self.site / path, _jpeg(img))
             out[mode] = path
         return out
 
@@ -233,8 +232,8 @@ def write_features(site: Path, data: RunData, rows: list[dict], max_features: in
     if max_features is not None:
         chosen = chosen[:max_features]
     images = ImageWriter(site, data.index, thumb_size) if data.index is not None else None
-    for row in tqdm(chosen, desc="dashboard: feature pages", unit="feature", disable=len(chosen) < 50):
+    for row in tqdm(chosen, desc="dashboard: feature pages", unit="feature", disable=len(chosen) < 50, mininterval=1.0):
         detail = feature_detail(data, row["f"], row, images, n_images)
-        write_text(site / feature_data_path(row["f"]), js_put(f"f/{row['f']}", detail))
+        write_file(site / feature_data_path(row["f"]), js_put(f"f/{row['f']}", detail))
         row["p"] = 1
     return {row["f"] for row in chosen}

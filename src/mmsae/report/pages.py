@@ -10,11 +10,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..io import write_text
 from . import plots
 from .features import steered_features
 from .rundata import RunData
-from .safe import esc
+from .safe import esc, write_file
 from .tables import paper_table
 
 ASSETS = Path(__file__).parent / "assets"
@@ -70,7 +69,7 @@ def write_index_page(site: Path, title: str) -> None:
         "<th id=score-heads>scores</th><th>frequency</th><th>max act.</th></tr></thead><tbody></tbody></table>"
         "<div id=pager class=pager></div>"
     )
-    write_text(site / "index.html", page(title, body, "index", ["assets/app.js", "data/meta.js", "assets/index.js"]))
+    write_file(site / "index.html", page(title, body, "index", ["assets/app.js", "data/meta.js", "assets/index.js"]))
 
 
 def write_feature_page(site: Path, title: str) -> None:
@@ -79,7 +78,7 @@ def write_feature_page(site: Path, title: str) -> None:
         "<a id=next href=#>next &rarr;</a></div>"
         "<h1 id=title>feature</h1><div id=feature></div>"
     )
-    write_text(site / "feature.html", page(title, body, "index", ["assets/app.js", "data/meta.js", "assets/feature.js"]))
+    write_file(site / "feature.html", page(title, body, "index", ["assets/app.js", "data/meta.js", "assets/feature.js"]))
 
 
 # --- the run report --------------------------------------------------------------------------
@@ -300,4 +299,4 @@ def write_report(site: Path, data: RunData, facts: dict, title: str, pages: set[
         sections.append(("Attribution", _attribution_section(data, site, pages)))
     body = f"<h1>{esc(title)}</h1><p class=muted>Run report</p>" + "".join(
         f"<section><h2>{esc(name)}</h2>{html}</section>" for name, html in sections)
-    write_text(site / "report.html", page(f"{title}: run report", body, "report"))
+    write_file(site / "report.html", page(f"{title}: run report", body, "report"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,3 +60,13 @@ def js_json(obj: Any) -> str:
 def js_put(key: str, obj: Any) -> str:
     """A data file: one call that hands ``obj`` to the page under ``key`` (see assets/app.js)."""
     return f"MMSAE.put({js_json(key)},{js_json(obj)});\n"
+
+
+def write_file(path: Path, data: str | bytes) -> None:
+    """Write one site file. No per-file fsync: the whole site is built in a scratch folder and
+    renamed into place when complete (see ``build_dashboard``), which is what makes it atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        path.write_text(data, encoding="utf-8")
+    else:
+        path.write_bytes(data)
