@@ -135,3 +135,23 @@ def test_chat_judge_reads_yes_no_replies_and_fills_the_template():
     # a judge that always says yes is at chance
     always = detect(ChatJudge(lambda ims, qs: ["YES"] * len(ims)), "red", items, seed=0)
     assert always["balanced_accuracy"] == 0.5 and always["auroc"] == 0.5
+
+
+def test_resolution_ceiling_hand_computed():
+    import torch
+
+    from mmsae.models.base import Tile, TokenLayout
+    from mmsae.score.iou import resolution_ceiling, token_coverage
+
+    g, size = 4, 20  # 5 x 5 pixel cells
+    rows, cols = np.divmod(np.arange(g * g), g)
+    layout = TokenLayout(positions=torch.arange(g * g), tile=torch.zeros(g * g, dtype=torch.long),
+                         row=torch.as_tensor(rows), col=torch.as_tensor(cols),
+                         tiles=[Tile((0.0, 0.0, float(size), float(size)), g, g)], image_size=(size, size))
+    mask = box(size, size, 0, 5, 0, 5) | box(size, size, 5, 8, 5, 7)  # one full cell + 6 px of the next
+    cov = token_coverage(layout, mask).reshape(g, g)
+    assert cov[0, 0] == 1.0 and cov[1, 1] == pytest.approx(6 / 25) and cov.sum() == pytest.approx(1 + 6 / 25)
+    # '> 0' keeps both cells (50 px) around the 31 px mask; '> half the max' keeps only the full cell
+    assert resolution_ceiling(layout, mask, lambda h: h > 0) == pytest.approx(31 / 50)
+    assert resolution_ceiling(layout, mask, lambda h: h > 0.5 * h.max()) == pytest.approx(25 / 31)
+    assert resolution_ceiling(layout, None, lambda h: h > 0) == 0.0

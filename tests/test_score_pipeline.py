@@ -99,6 +99,12 @@ def test_score_end_to_end(run, capsys):
     assert total[("iou", "shuffled")]["mean"] < 0.15
     assert total[("iou", "random_images")]["mean"] < total[("iou", "none")]["mean"] - 0.3
     assert total[("iou", "full_mask")]["mean"] < total[("iou", "none")]["mean"]
+    # these features fire exactly on their concept's coverage of each cell: they reach the ceiling
+    ceiling = {r["feature"]: r["value"] for r in read_jsonl(run / "scores.jsonl")
+               if r["scorer"] == "iou" and r["baseline"] == "ceiling"}
+    ours = {r["feature"]: r["value"] for r in read_jsonl(run / "scores.jsonl")
+            if r["scorer"] == "iou" and r["baseline"] == "none"}
+    assert ceiling.keys() == ours.keys() and all(abs(ceiling[f] - ours[f]) < 1e-9 for f in ours)
     assert total[("iou_dataset", "none")]["mean"] > 0.45
     assert total[("detection", "none")]["mean"] == 1.0  # the concept is in all top images, none of the others
     assert total[("detection_auroc", "none")]["mean"] == 1.0

@@ -16,7 +16,9 @@ Per feature, with its top ``top`` images and their binarised activation maps:
 
 Baselines: ``random_images`` (the paper's: the explanation and the feature's maps on random other
 images), ``shuffled`` (another feature's explanation, by a seeded derangement) and, for IoU,
-``full_mask`` (the whole image as the mask).
+``full_mask`` (the whole image as the mask) and ``ceiling`` (not a baseline but an upper bound:
+the IoU of a feature that fires exactly on the segmented concept, seen through the model's token
+grid and the same binarisation; it shows how much IoU resolution and binarisation alone cost).
 """
 
 from __future__ import annotations
@@ -35,14 +37,14 @@ from ..errors import MmsaeError
 from ..io import read_json, read_jsonl, append_jsonl, write_json, write_text
 from .baselines import bootstrap_ci, derangement, random_images
 from .detection import QUESTION, ChatJudge, ClipJudge, DetectionItem, OracleJudge, adapter_asker, detect, openai_asker
-from .iou import dataset_iou, iou
+from .iou import dataset_iou, iou, resolution_ceiling
 from .segmenters import FullMaskSegmenter, load_segmenter, region_caption, scene_from_meta
 from .table import csv_table, markdown_table, normalize_category, summarize
 
 __all__ = ["ScoreConfig", "score", "bootstrap_ci", "derangement", "markdown_table", "summarize"]
 
 Scorer = Literal["iou", "clip", "text_similarity", "detection"]
-Baseline = Literal["random_images", "shuffled", "full_mask"]
+Baseline = Literal["random_images", "shuffled", "full_mask", "ceiling"]
 
 
 @dataclass
@@ -55,8 +57,10 @@ class ScoreConfig:
     out: Optional[str] = field(default=None, metadata={"help": "folder for scores.jsonl/.md/.csv (default RUN)"})
     scorers: list[Scorer] = field(default_factory=lambda: ["iou", "clip", "detection"], metadata={
         "help": "scores to compute; text_similarity is the offline stand-in for clip on shapes-world data"})
-    baselines: list[Baseline] = field(default_factory=lambda: ["random_images", "shuffled", "full_mask"],
-                                      metadata={"help": "baselines scored next to each explanation"})
+    baselines: list[Baseline] = field(
+        default_factory=lambda: ["random_images", "shuffled", "full_mask", "ceiling"],
+        metadata={"help": "baselines scored next to each explanation; ceiling = the IoU an ideal feature firing "
+                          "exactly on the segmented concept would reach at the model's token resolution"})
     segmenter: Literal["grounded-sam", "clipseg", "oracle"] = field(default="grounded-sam", metadata={
         "help": "phrase -> mask backend for IoU; oracle = shapes-world ground truth"})
     detector_model: str = field(default="IDEA-Research/grounding-dino-tiny",
@@ -138,12 +142,21 @@ class _FeatureData:
 
         examples = index.top_examples(feature, n=cfg.top)
         self.sample_ids = [int(e.sample_id) for e in examples]
+        self.layouts = [e.layout for e in examples]
         self.images = [index.image(s) for s in self.sample_ids]
         self.metas = [index.sample_meta(s) for s in self.sample_ids]
         self.maps, self.binarization = [], {"method": cfg.binarization}
         for e in examples:
             mask, self.binarization = binarize_example(e, index, cfg.binarization, cfg.quantile, cfg.fraction)
             self.maps.append(np.asarray(mask, dtype=bool))
+
+
+def _ideal_binarizer(cfg: ScoreConfig):
+    """How the ideal map of the ceiling baseline is binarised, mirroring cfg.binarization."""
+    if cfg.binarization == "fraction":
+        return (lambda h: h > cfg.fraction * h.max(initial=0.0)), f"coverage > {cfg.fraction} x its max"
+    # paper, and quantile (an ideal map has no dataset quantile): any coverage counts
+    return (lambda h: h > 0), "coverage > 0"
 
 
 def _make_judge(cfg: ScoreConfig, index, clip):
@@ -248,6 +261,13 @@ class _Scorer:
                 per_image = [iou(mk, a) for mk, a in zip(masks, rand_maps)]
                 emit("iou", "random_images", np.mean(per_image), per_image=per_image, phrase=phrase,
                      failed=sum(mk is None for mk in masks), sample_ids=rand_ids, **common)
+            if "ceiling" in cfg.baselines:
+                phrase = texts["none"][1]
+                masks = [self._masks[(s, phrase)] for s in data.sample_ids]
+                binarize, rule = _ideal_binarizer(cfg)
+                per_image = [resolution_ceiling(lay, mk, binarize) for lay, mk in zip(data.layouts, masks)]
+                emit("iou", "ceiling", np.mean(per_image), per_image=per_image, phrase=phrase,
+                     segmenter=cfg.segmenter, binarization={"method": cfg.binarization, "ideal_map_rule": rule})
             if "full_mask" in cfg.baselines:
                 per_image = [iou(self.full.segment(im, ""), a) for im, a in zip(data.images, data.maps)]
                 emit("iou", "full_mask", np.mean(per_image), per_image=per_image, **common)

@@ -53,3 +53,40 @@ def dataset_iou(masks: list[np.ndarray | None], activations: list[np.ndarray]) -
         inter += i
         union += u
     return inter / union if union else 0.0
+
+
+def token_coverage(layout, mask: np.ndarray) -> np.ndarray:
+    """The fraction of each image token's cell that ``mask`` covers: float32 [P].
+
+    ``layout`` is the example's TokenLayout (tiles with their boxes over the original image), so
+    this is what a feature firing exactly on the mask would look like at the model's resolution.
+    """
+    width, height = layout.image_size
+    mask = fit_mask(mask, (height, width))
+    values = np.zeros(len(layout.positions), dtype=np.float32)
+    tiles, rows, cols = (t.cpu().numpy() for t in (layout.tile, layout.row, layout.col))
+    for i, (t, r, c) in enumerate(zip(tiles, rows, cols)):
+        tile = layout.tiles[int(t)]
+        x0, y0, x1, y1 = tile.box
+        cw, ch = (x1 - x0) / tile.cols, (y1 - y0) / tile.rows
+        # the pixels whose centres fall in the cell (as image_heatmap paints them)
+        xa, xb = int(np.ceil(x0 + c * cw - 0.5)), int(np.ceil(x0 + (c + 1) * cw - 0.5))
+        ya, yb = int(np.ceil(y0 + r * ch - 0.5)), int(np.ceil(y0 + (r + 1) * ch - 0.5))
+        cell = mask[max(ya, 0):min(yb, height), max(xa, 0):min(xb, width)]
+        values[i] = cell.mean() if cell.size else 0.0
+    return values
+
+
+def resolution_ceiling(layout, mask: np.ndarray | None, binarize) -> float:
+    """IoU of ``mask`` with an ideal feature map (``mask``'s coverage per token), binarised.
+
+    The best IoU any feature could reach on this image at the model's token resolution with this
+    binarisation, given the segmentation: it separates the limit set by resolution and
+    binarisation from what the SAE and the explainer lose. ``binarize(heatmap) -> bool mask``.
+    """
+    from ..models.base import image_heatmap
+
+    if mask is None:
+        return 0.0
+    ideal = binarize(image_heatmap(layout, token_coverage(layout, mask)))
+    return iou(mask, ideal)

@@ -23,6 +23,7 @@ COLUMNS = [
     ("iou", "random_images", "IoU random img"),
     ("iou", "shuffled", "IoU shuffled"),
     ("iou", "full_mask", "IoU full mask"),
+    ("iou", "ceiling", "IoU ceiling"),
     ("iou_dataset", "none", "NetDissect IoU ours"),
     ("iou_dataset", "shuffled", "NetDissect IoU shuffled"),
     ("clip", "none", "CLIP ours"),
