@@ -335,6 +335,22 @@ def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = Non
         raise MmsaeError(f"nothing to train: {source.n_tokens} tokens at --batch-size {cfg.batch_size} is less than one step; "
                          "lower --batch-size or pass --steps")
 
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and n_latents * d < _SMALL_PROBLEM:
+        torch.set_num_threads(1)  # tiny matrices: thread hand-offs cost more than the work
+    try:
+        return _train(cfg, source, sae_cfg, rank, world, device, local_batch, total_steps, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# below this many weights per matrix, one thread is faster (thread sync dominates)
+_SMALL_PROBLEM = 1 << 18
+
+
+def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank: int, world: int, device: torch.device,
+           local_batch: int, total_steps: int, out: Path) -> Path:
+    d, n_latents = sae_cfg.d_in, sae_cfg.num_latents
     torch.manual_seed(cfg.seed)
     sae = SparseAutoencoder(sae_cfg, device=device)
     sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
@@ -376,7 +392,7 @@ def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = Non
     model = step_module
     if world > 1:
         model = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+                                                    forward_sync_buffers=False)
     scale = state["input_scale"]
     batches = source.batches(local_batch, seed=cfg.seed, rank=rank, world=world, skip=start_step)
     log_path = out / "train_log.jsonl"

@@ -1,0 +1,195 @@
+"""SAE training: ground-truth recovery, exact resume, several processes, the store, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mmsae.sae.train as train_mod
+from mmsae.errors import MmsaeError
+from mmsae.sae import load_sae
+from mmsae.sae.sources import TensorSource
+from mmsae.sae.synthetic import SyntheticConfig, generate, recovery_score
+from mmsae.sae.train import TrainConfig, geometric_median, train
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return generate(SyntheticConfig(d=32, m=64, k=3, tokens=40_000, noise=0.01, seed=0))
+
+
+def small_cfg(out, **kw) -> TrainConfig:
+    base = dict(out=str(out), expansion=4, k=3, batch_size=256, steps=12, warmup=3, lr=4e-3, dead_tokens=2000,
+                progress=False, log_every=2, checkpoint_every=4, init_tokens=2048)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "sae.safetensors"))
+
+
+def test_training_recovers_planted_directions(tmp_path, synthetic):
+    acts, directions = synthetic
+    # before training, random decoder rows recover nothing
+    assert recovery_score(directions, torch.randn(128, 32))["fraction_recovered"] < 0.05
+    train(small_cfg(tmp_path / "sae", steps=150, warmup=10, dead_tokens=10_000, log_every=50, checkpoint_every=1000), source=acts)
+    sae = load_sae(tmp_path / "sae")
+    score = recovery_score(directions, sae.W_dec)
+    assert score["fraction_recovered"] >= 0.9, score
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-4)
+    # the saved SAE works on raw (unscaled) activations: low FVU, exactly k active
+    x = acts[:4000]
+    fvu = (sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert fvu < 0.15
+    values, _ = sae.encode_sparse(x)
+    assert values.shape == (4000, 3)
+    log = [json.loads(line) for line in (tmp_path / "sae" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [50, 100, 150]
+    assert set(log[0]) >= {"step", "loss", "fvu", "l0", "dead_fraction", "lr", "tokens"}
+    assert log[-1]["fvu"] < log[0]["fvu"] and log[-1]["tokens"] == 150 * 256 and log[-1]["l0"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu"])
+def test_other_architectures_train(tmp_path, synthetic, arch):
+    acts, directions = synthetic
+    train(small_cfg(tmp_path / arch, architecture=arch, steps=60, log_every=60, checkpoint_every=1000), source=acts)
+    sae = load_sae(tmp_path / arch)
+    assert sae.cfg.architecture == arch
+    x = acts[:2000]
+    fvu = float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    l0 = float((sae.encode(x) > 0).sum(-1).float().mean())
+    assert fvu < 0.5 and 0 < l0 < 64, (fvu, l0)
+    if arch == "batchtopk":
+        assert 1.0 <= l0 <= 9.0  # the learned threshold keeps about k active at inference
+
+
+def test_resume_after_a_crash_gives_the_same_weights(tmp_path, synthetic, monkeypatch):
+    acts, _ = synthetic
+    cfg_a = small_cfg(tmp_path / "a", dead_tokens=1000)  # AuxK active: dead counters must resume too
+    train(cfg_a, source=acts)
+
+    real_step = train_mod._train_step
+    calls = {"n": 0}
+
+    def crash_on_seventh(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(train_mod, "_train_step", crash_on_seventh)
+    cfg_b = small_cfg(tmp_path / "b", dead_tokens=1000)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_b, source=acts)
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-000000004"]
+    monkeypatch.setattr(train_mod, "_train_step", real_step)
+    train(cfg_b, source=acts)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 12]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from mmsae.sae.train import TrainConfig, train\n"
+        "train(TrainConfig(out=sys.argv[1], activations='synthetic:d=16,m=32,k=2,tokens=4096', expansion=2, k=2,\n"
+        "                  batch_size=128, steps=6, warmup=2, lr=3e-3, dead_tokens=256, progress=False, log_every=3,\n"
+        "                  init_tokens=512, architecture=sys.argv[2]))\n")
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    for arch in ("topk", "batchtopk"):
+        one = subprocess.run([sys.executable, str(script), str(tmp_path / f"one-{arch}"), arch], env=env, capture_output=True, text=True)
+        assert one.returncode == 0, one.stderr[-2000:]
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(script), str(tmp_path / f"two-{arch}"), arch], env=env, capture_output=True, text=True)
+        assert two.returncode == 0, two.stderr[-2000:]
+        a, b = weights(tmp_path / f"one-{arch}"), weights(tmp_path / f"two-{arch}")
+        for name in a:
+            assert torch.allclose(a[name], b[name], atol=1e-5), (arch, name, (a[name] - b[name]).abs().max())
+        state = json.loads((tmp_path / f"two-{arch}" / "train_state.json").read_text())
+        assert state["world_size"] == 2
+
+
+def write_store(path: Path, acts: torch.Tensor, shard_size: int = 1000) -> None:
+    """A store in the documented format (manifest.json + shards)."""
+    path.mkdir(parents=True)
+    shards = []
+    for i, start in enumerate(range(0, len(acts), shard_size)):
+        part = acts[start:start + shard_size]
+        n = len(part)
+        save_file({"acts": part.contiguous(), "sample": torch.arange(start, start + n) // 10, "pos": (torch.arange(n) % 10).to(torch.int32),
+                   "is_image": torch.arange(n) % 2 == 0, "tile": torch.zeros(n, dtype=torch.int16),
+                   "row": torch.zeros(n, dtype=torch.int16), "col": torch.zeros(n, dtype=torch.int16)},
+                  str(path / f"shard-0-{i:05d}.safetensors"))
+        shards.append({"file": f"shard-0-{i:05d}.safetensors", "rank": 0, "n_tokens": n, "n_image_tokens": (n + 1) // 2,
+                       "first_sample": start // 10, "last_sample": (start + n - 1) // 10, "norm_sum": 0.0})
+    manifest = {"format": "mmsae-activations", "version": 1, "model": "tiny-model", "layer": 2, "hook_point": "model.layers.2",
+                "d": acts.shape[1], "dtype": "float32", "source": "s", "tokens": "all", "world": 1, "complete": True,
+                "shards": shards, "ranks": {"0": {"samples_done": len(acts) // 10}},
+                "stats": {"n_tokens": len(acts), "mean_norm": 1.0}, "config": {"data": "s"}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_trains_from_a_store_and_records_the_hook_point(tmp_path, synthetic):
+    acts, _ = synthetic
+    write_store(tmp_path / "store", acts[:6000])
+    train(small_cfg(tmp_path / "sae", activations=str(tmp_path / "store"), steps=None, max_tokens=2560))
+    sae = load_sae(tmp_path / "sae")
+    assert (sae.cfg.model, sae.cfg.layer, sae.cfg.hook_point) == ("tiny-model", 2, "model.layers.2")
+    assert json.loads((tmp_path / "sae" / "train_state.json").read_text())["steps"] == 10
+
+
+def test_bad_input_is_a_one_line_error_and_keeps_checkpoints(tmp_path, synthetic):
+    acts, _ = synthetic
+    with pytest.raises(MmsaeError, match="larger than the number of latents"):
+        train(small_cfg(tmp_path / "k", k=500), source=acts)
+    with pytest.raises(MmsaeError, match="does not exist"):
+        train(small_cfg(tmp_path / "x", activations=str(tmp_path / "nowhere")))
+
+    class PoisonedAfter(TensorSource):
+        """Clean batches, then NaN from step 6 on."""
+
+        def batches(self, local_batch, seed, rank, world, skip=0):
+            for step, batch in enumerate(super().batches(local_batch, seed, rank, world, skip), start=skip):
+                if step >= 6:
+                    batch = batch.clone()
+                    batch[3, 1] = float("nan")
+                yield batch
+
+    with pytest.raises(MmsaeError, match="NaN or inf.*step 6") as err:
+        train(small_cfg(tmp_path / "nan"), source=PoisonedAfter(acts, name="poisoned"))
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "nan" / "checkpoints" / "step-000000004" / "state.json").exists()
+
+    bad = acts[:3000].clone()
+    bad[1234, 5] = float("inf")
+    with pytest.raises(MmsaeError, match="row 1234"):
+        train(small_cfg(tmp_path / "inf"), source=TensorSource(bad, name="acts"))
+
+    # resuming onto activations of another width is refused
+    with pytest.raises(MmsaeError, match="width 32 but the data has width 16"):
+        train(small_cfg(tmp_path / "nan"), source=acts[:, :16])
+    with pytest.raises(MmsaeError, match="different k"):
+        train(small_cfg(tmp_path / "nan", k=4), source=acts)
+
+
+def test_geometric_median_resists_outliers():
+    torch.manual_seed(0)
+    points = torch.randn(200, 4) * 0.1 + 3.0
+    points[:20] = 1000.0  # 10% far outliers pull the mean, not the median
+    median = geometric_median(points)
+    assert torch.allclose(median, torch.full((4,), 3.0), atol=0.1)
+    assert points.mean(0)[0] > 90
