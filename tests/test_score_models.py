@@ -37,9 +37,14 @@ def _text_config(vocab):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+def build_tiny_clip(folder):
+    """A tiny random CLIPModel with its processor, saved in ``folder``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    folder = tmp_path_factory.mktemp("tiny-clip")
+    folder.mkdir(parents=True, exist_ok=True)
     tokenizer, vocab = _clip_tokenizer(folder)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     torch.manual_seed(0)
@@ -104,9 +109,14 @@ def test_text_similarity_minilm():
 
 @pytest.fixture(scope="module")
 def tiny_clipseg(tmp_path_factory):
+    return build_tiny_clipseg(tmp_path_factory.mktemp("tiny-clipseg"))
+
+
+def build_tiny_clipseg(folder):
+    """A tiny random CLIPSeg model with its processor, saved in ``folder``."""
     from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessor
 
-    folder = tmp_path_factory.mktemp("tiny-clipseg")
+    folder.mkdir(parents=True, exist_ok=True)
     tokenizer, vocab = _clip_tokenizer(folder)
     torch.manual_seed(0)
     config = CLIPSegConfig(text_config=_text_config(vocab), projection_dim=16, reduce_dim=16,

@@ -170,3 +170,26 @@ def test_hf_judge_through_a_tiny_image_text_model(run, tmp_path):
         from mmsae.score.detection import balanced_accuracy
 
         assert r["value"] == balanced_accuracy(d["labels"], d["predictions"])
+
+
+def test_model_backends_end_to_end(run, tmp_path):
+    """The real-image path: CLIPSeg masks for IoU, CLIP score, and the CLIP judge (tiny random models)."""
+    from test_score_models import build_tiny_clip, build_tiny_clipseg
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    clipseg = build_tiny_clipseg(tmp_path / "clipseg")
+    out = tmp_path / "out"
+    score(ScoreConfig(run=str(run), out=str(out), segmenter="clipseg", clipseg_model=str(clipseg),
+                      clipseg_threshold=0.5, clip_model=str(clip), scorers=["iou", "clip", "detection"],
+                      judge="clip", max_features=2, n_boot=50))
+    rows = read_jsonl(out / "scores.jsonl")
+    kinds = {(r["scorer"], r["baseline"]) for r in rows}
+    assert {("iou", "none"), ("iou", "random_images"), ("iou", "shuffled"), ("iou", "full_mask"), ("iou", "ceiling"),
+            ("clip", "none"), ("clip", "random_images"), ("clip", "shuffled"),
+            ("detection", "none"), ("detection", "shuffled")} <= kinds
+    for r in rows:
+        assert 0.0 <= r["value"] <= (100.0 if r["scorer"] == "clip" else 1.0)
+        if r["scorer"] == "clip":
+            assert r["value"] == pytest.approx(np.mean(r["details"]["per_image"]))
+        if r["scorer"] == "detection":  # the clip judge says yes to exactly as many images as activate
+            assert sum(r["details"]["predictions"]) == sum(r["details"]["labels"]) == 5
