@@ -113,8 +113,11 @@ def test_feature_list_search_feature_page_and_hostile_payload(browser_context, s
     page = browser_context.new_page()
     base = site.resolve().as_uri()
     watch = Watch(page, base)
+    chunks: list[str] = []
+    page.on("request", lambda r: chunks.append(r.url.rsplit("/", 1)[-1]) if "/data/list/" in r.url else None)
     page.goto(f"{base}/index.html")
     _ready(page)
+    assert chunks == ["00000.js"]  # lazily: only the chunk of the page on screen
     rows = page.locator("#features tbody tr")
     assert rows.count() == 4  # the first page (page size 4) of the 6 live features
     assert "page 1 of 2" in page.inner_text("#page-info")
@@ -125,14 +128,17 @@ def test_feature_list_search_feature_page_and_hostile_payload(browser_context, s
     page.click("#pager button:has-text('next')")
     page.wait_for_function("document.getElementById('page-info').textContent.startsWith('page 2')")
     assert page.locator("#features tbody tr").count() == 2
+    assert chunks == ["00000.js", "00001.js"]
     assert HOSTILE.replace("\u2028", "").replace("\u2029", "")[:60] in page.inner_text("#features tbody").replace("\u2028", "").replace("\u2029", "")
     watch.check(page)
 
     # showing dead features lists all 12; search narrows to the feature whose explanation matches
     page.uncheck("#hide-dead")
     page.wait_for_function("document.getElementById('page-info').textContent.includes('12 features')")
+    assert chunks == ["00000.js", "00001.js"]  # dead features come last: page 1 still needs only chunk 0
     page.fill("#search", "circles")
     page.wait_for_function("document.getElementById('page-info').textContent.includes(' 1 features')")
+    assert sorted(chunks) == ["00000.js", "00001.js", "00002.js"]  # search needs them all, each loaded once
     assert page.locator("#features tbody tr").count() == 1
     assert "blue circles" in page.inner_text("#features tbody")
     page.fill("#search", "#4")
