@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -144,6 +145,15 @@ def test_llava_positions_are_exactly_the_image_tokens():
     assert batch.layouts[0].tiles[0].rows == batch.inputs["pixel_values"].shape[-2] // adapter.model.config.vision_config.patch_size
 
 
+def test_llava_grid_from_token_count():
+    adapter = tiny_adapter("llava")
+    assert adapter.patch_grid(16) == (4, 4, 0)
+    assert adapter.patch_grid(577) == (24, 24, 1)  # CLS first ("full" strategy)
+    assert adapter.patch_grid(64) == (8, 8, 0)  # a projector that pools to another square grid
+    with pytest.raises(MmsaeError, match="not a square"):
+        adapter.patch_grid(15)
+
+
 def patch_means(pixels: torch.Tensor, patch: int) -> torch.Tensor:
     """[C, H, W] processed pixels -> [H / patch, W / patch] mean brightness per patch."""
     grey = pixels.float().mean(0)
@@ -217,19 +227,16 @@ def white_fraction(adapter, brightness: torch.Tensor) -> np.ndarray:
     return (brightness.double().numpy() - black) / (white - black)
 
 
-@pytest.mark.parametrize("family", VISION)
-@pytest.mark.parametrize("size", [(64, 48), (36, 72), (120, 40)])
-def test_heatmap_sends_marked_patch_to_the_white_block(family, size):
+def check_marked_patches(adapter, brightness_of, size: tuple[int, int], box: tuple[int, int, int, int] | None = None) -> None:
     """Per tile, mark the token whose processed patch is whitest: its heat must land on pixels
     of the original image that are as white as that patch."""
-    adapter = tiny_adapter(family)
     w, h = size
-    box = (w // 2, h // 4, w // 2 + w // 4, h // 2)  # a white block, a quarter of each side
+    box = box or (w // 2, h // 4, w // 2 + w // 4, h // 2)  # a white block, a quarter of each side
     image = square_image(size, box)
     white = np.asarray(image)[..., 0] > 0
     batch = adapter.build_inputs([image], ["where?"])
     layout = batch.layouts[0]
-    fraction = white_fraction(adapter, PATCH_BRIGHTNESS[family](adapter, batch, 0))  # one per layout token
+    fraction = white_fraction(adapter, brightness_of(adapter, batch, 0))  # one per layout token
     assert fraction.shape == (layout.num_image_tokens,)
     checked = 0
     for t in range(len(layout.tiles)):
@@ -250,6 +257,30 @@ def test_heatmap_sends_marked_patch_to_the_white_block(family, size):
         assert abs(white[region].mean() - fraction[best]) < 0.3, (t, white[region].mean(), fraction[best])
         checked += 1
     assert checked >= 1
+
+
+@pytest.mark.parametrize("family", VISION)
+@pytest.mark.parametrize("size", [(64, 48), (36, 72), (120, 40)])
+def test_heatmap_sends_marked_patch_to_the_white_block(family, size):
+    check_marked_patches(tiny_adapter(family), PATCH_BRIGHTNESS[family], size)
+
+
+# blocks that fill one cell of the padded 4 x 4 grid (a cell is max(size) / 4 pixels)
+@pytest.mark.parametrize(("size", "box"), [((64, 48), (32, 24, 48, 40)), ((36, 72), (0, 36, 18, 54))])
+def test_llava_pad_to_square_processor(size, box):
+    """LLaVA 1.5's original recipe pads to a square instead of cropping the centre."""
+    from transformers import LlavaImageProcessorPil
+
+    tiny = tiny_adapter("llava")
+    adapter = copy.copy(tiny)
+    adapter.processor = copy.copy(tiny.processor)
+    adapter.processor.image_processor = LlavaImageProcessorPil(
+        do_pad=True, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    layout = adapter.build_inputs([square_image(size, (0, 0, 1, 1))], ["x"]).layouts[0]
+    x0, y0, x1, y1 = layout.tiles[0].box
+    assert x1 - x0 == y1 - y0 == max(size)  # the grid covers the padded square
+    check_marked_patches(adapter, brightness_llava, size, box)
 
 
 def test_heatmap_paints_cells_and_combines_tiles():

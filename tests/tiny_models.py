@@ -394,7 +394,10 @@ def default_cache_dir() -> Path:
 
     if os.environ.get("MMSAE_TINY_MODELS"):
         return Path(os.environ["MMSAE_TINY_MODELS"])
-    key = hashlib.sha256((Path(__file__).read_text() + transformers.__version__).encode()).hexdigest()[:12]
+    from mmsae.models import common
+
+    sources = Path(__file__).read_text() + Path(common.__file__).read_text() + transformers.__version__
+    key = hashlib.sha256(sources.encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"mmsae-tiny-models-{os.getuid()}-{key}"
 
 

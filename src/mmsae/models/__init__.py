@@ -50,7 +50,10 @@ def _load_processor(cls: type[ModelAdapter], model_id_or_path: str, trust_remote
         # a video processor that needs torchvision (or was not saved); images and text work without it
         if cls.processor_class is None:
             raise
+    try:
         return processor_without_video(cls.processor_class).from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+    except ImportError as err:
+        raise MmsaeError(f"the processor of {model_id_or_path} needs a missing package: {str(err).strip().splitlines()[0]}") from err
 
 
 def load_adapter(model_id_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu", trust_remote_code: bool = False) -> ModelAdapter:

@@ -100,7 +100,9 @@ class ChatAdapter(ModelAdapter):
     # --- helpers for token_layouts ------------------------------------------------------------
     def text_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Non-padding positions that are not image placeholders, for one sequence."""
-        is_image = torch.isin(input_ids, torch.tensor(self.image_token_ids(), device=input_ids.device))
+        if getattr(self, "_image_ids", None) is None:
+            self._image_ids = torch.tensor(self.image_token_ids(), dtype=torch.long)
+        is_image = torch.isin(input_ids, self._image_ids.to(input_ids.device))
         return torch.nonzero(attention_mask.bool() & ~is_image).flatten().cpu()
 
     def empty_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenLayout:

@@ -8,8 +8,6 @@ cover only part of it (a centre crop).
 
 from __future__ import annotations
 
-import math
-
 Box = tuple[float, float, float, float]
 
 
@@ -64,14 +62,3 @@ def processed_canvas_box(width: int, height: int, image_processor) -> Box:
         x0, y0 = x0 + left * sx, y0 + top * sy
         x1, y1 = x0 + crop_w * sx, y0 + crop_h * sy
     return (x0, y0, x1, y1)
-
-
-def sub_box(box: Box, frac: Box) -> Box:
-    """The part ``frac`` (fractions 0..1 of width and height) of ``box``."""
-    x0, y0, x1, y1 = box
-    w, h = x1 - x0, y1 - y0
-    return (x0 + frac[0] * w, y0 + frac[1] * h, x0 + frac[2] * w, y0 + frac[3] * h)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else math.inf
