@@ -66,12 +66,17 @@ def make_run(root: Path, with_index: bool = True) -> Path:
     append_jsonl(sae / "train_log.jsonl", [{"step": s, "loss": 1.0 / (s + 1), "fvu": 0.9 / (s + 1) + 0.05, "l0": 2.0,
                                             "dead_fraction": max(0.0, 0.5 - 0.05 * s), "lr": 1e-3, "tokens": 64 * s}
                                            for s in range(0, 20)])
-    write_json(run / "metrics.json", {
-        "fvu": 0.12, "explained_variance": 0.88, "l0": 2.0, "dead_fraction": 0.5, "dense_fraction": 0.0,
-        "ce_loss_clean": 2.1, "ce_loss_spliced": 2.3, "kl_spliced": 0.05,
-        "by_token_type": {"image": {"fvu": 0.1, "l0": 2.0}, "text": {"fvu": 0.2, "l0": 1.5}},
-        "density_histogram": {"counts": [6, 0, 2, 3, 1], "edges": [-6, -5, -4, -3, -2, -1]},
-    })
+    # the layout mmsae.sae.metrics.evaluate writes
+    recon = {kind: {"tokens": 100, "fvu": fvu, "explained_variance": 1 - fvu, "l0": 2.0, "dead_fraction": 0.5,
+                    "dense_fraction": 0.0, "density_histogram": {"log10_edges": [-2.0, -1.5, -1.0, -0.5, 0.0],
+                                                                 "counts": [1, 3, 2, 0], "dead": 6}}
+             for kind, fvu in (("all", 0.12), ("image", 0.1), ("text", 0.2))}
+    spliced = {"targets": 40, "ce_clean": 2.1,
+               **{kind: {"ce_sae": 2.3, "ce_zero_ablation": 4.0, "ce_increase": 0.2, "ce_recovered": 0.894,
+                         "kl_sae": 0.05, "kl_zero_ablation": 1.2} for kind in ("all", "image", "text")}}
+    write_json(run / "metrics.json", {"sae": str(sae), "architecture": "topk", "d_in": 8, "num_latents": N_LATENTS,
+                                      "k": 2, "model": "tiny-llava", "layer": 2, "reconstruction": recon,
+                                      "reconstruction_source": "store", "spliced": spliced, "data": "shapes:8"})
     if with_index:
         from mmsae.index import IndexWriter
 
@@ -235,12 +240,17 @@ def test_run_report_sections_and_paper_table(site):
     report = (site / "report.html").read_text(encoding="utf-8")
     for section in ("Run", "SAE configuration", "Training", "Evaluation", "Explanation scores", "Steering", "Attribution"):
         assert f"<h2>{section}</h2>" in report, section
-    for plot in ("training.png", "metrics-hist-0.png", "scores.png"):
+    metric_plots = sorted(p.name for p in (site / "plots").glob("metrics-*.png"))
+    assert len(metric_plots) == 1  # the density histograms of all / image / text tokens, on one plot
+    for plot in ("training.png", metric_plots[0], "scores.png"):
         with Image.open(site / "plots" / plot) as im:
             assert im.format == "PNG" and im.size[0] > 100, plot
     with Image.open(site / "plots/attribution-all.png") as im:  # the run's own figure, copied
         assert im.size == (32, 32)
     assert "tiny-llava" in report and "language_model.layers.2" in report
+    evaluation = report[report.index("<h2>Evaluation</h2>"):report.index("<h2>Explanation scores</h2>")]
+    for text in ("<th>all</th><th>image</th><th>text</th>", "ce_recovered", "0.894", "explained_variance"):
+        assert text in evaluation, text
     assert "Not in this run" not in report  # every piece is there
 
 

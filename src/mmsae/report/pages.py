@@ -116,45 +116,54 @@ def rows_table(rows: list[dict], depth: int = 0) -> str:
     return f"<div class=scroll><table class=rows><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{more}"
 
 
-def _find_histogram(d: Any, path: str = "") -> list[tuple[str, dict]]:
-    """Histograms (``{"counts": [...], "edges": [...]}``) anywhere in the metrics."""
-    found = []
-    if isinstance(d, dict):
-        if isinstance(d.get("counts"), list) and isinstance(d.get("edges"), list) and len(d["edges"]) == len(d["counts"]) + 1:
-            return [(path, d)]
-        for k, v in d.items():
-            found += _find_histogram(v, f"{path}.{k}" if path else str(k))
-    return found
+def _histogram(d: Any) -> tuple[list, list, str] | None:
+    """``(counts, edges, x label)`` if ``d`` is a histogram (``edges`` or ``log10_edges``), else None."""
+    if not isinstance(d, dict) or not isinstance(d.get("counts"), list):
+        return None
+    for key, label in (("edges", "value"), ("log10_edges", "log10 firing frequency")):
+        edges = d.get(key)
+        if isinstance(edges, list) and len(edges) == len(d["counts"]) + 1:
+            return d["counts"], edges, str(d.get("xlabel") or label)
+    return None
 
 
 def _is_scalar(v: Any) -> bool:
     return not isinstance(v, (dict, list))
 
 
+def _metric_group(name: str, v: dict, site: Path, plot_name: str) -> str:
+    """One metrics entry: its scalars, its sub-groups side by side (e.g. all / image / text), its histograms."""
+    html = kv_table({k: x for k, x in v.items() if _is_scalar(x)})
+    groups = {k: x for k, x in v.items() if isinstance(x, dict) and _histogram(x) is None}
+    if groups:
+        names: list[str] = []
+        for g in groups.values():
+            names += [n for n, x in g.items() if _is_scalar(x) and n not in names]
+        head = "".join(f"<th>{esc(g)}</th>" for g in groups)
+        body = "".join(f"<tr><th>{esc(n)}</th>" + "".join(f"<td class=num>{esc(fmt(g.get(n)))}</td>" for g in groups.values())
+                       + "</tr>" for n in names)
+        html += f"<table class=rows><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>"
+    hists = [(k, _histogram(x)) for k, x in v.items() if _histogram(x)]
+    hists += [(f"{g}: {k}", _histogram(x)) for g, sub in groups.items() for k, x in sub.items() if _histogram(x)]
+    if hists:
+        rel = f"plots/{plot_name}.png"
+        plots.histograms([(label.replace("_", " "), *h) for label, h in hists], site / rel, title=name.replace("_", " "))
+        html += f"<figure><img src={rel} alt='{esc(name)} histograms'></figure>"
+    rest = {k: x for k, x in v.items() if isinstance(x, list)}
+    return html + (kv_table(rest) if rest else "")
+
+
 def _metrics_section(metrics: dict, site: Path) -> str:
-    """Scalars as a list; groups of scalars (e.g. by token type) side by side; histograms as plots."""
-    hists = _find_histogram(metrics)
-    hist_keys = {name.split(".")[0] for name, _ in hists}
-    scalars = {k: v for k, v in metrics.items() if _is_scalar(v)}
-    html = kv_table(scalars) if scalars else ""
-    for key, v in metrics.items():
-        if key in hist_keys or _is_scalar(v):
-            continue
-        if isinstance(v, dict) and v and all(isinstance(g, dict) and all(map(_is_scalar, g.values())) for g in v.values()):
-            names: list[str] = []
-            for g in v.values():
-                names += [n for n in g if n not in names]
-            head = "".join(f"<th>{esc(g)}</th>" for g in v)
-            body = "".join(f"<tr><th>{esc(n)}</th>" + "".join(f"<td class=num>{esc(fmt(g.get(n)))}</td>" for g in v.values())
-                           + "</tr>" for n in names)
-            html += f"<h3>{esc(key)}</h3><table class=rows><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>"
-        else:
+    """Top-level scalars as a list, then each group (reconstruction, spliced loss, ...) as a table."""
+    html = kv_table({k: v for k, v in metrics.items() if _is_scalar(v)})
+    top_hists = {k: v for k, v in metrics.items() if _histogram(v)}
+    if top_hists:
+        html += _metric_group("histograms", top_hists, site, "metrics-hist")
+    for i, (key, v) in enumerate(metrics.items()):
+        if isinstance(v, dict) and key not in top_hists:
+            html += f"<h3>{esc(key.replace('_', ' '))}</h3>" + _metric_group(key, v, site, f"metrics-{i}")
+        elif isinstance(v, list):
             html += f"<h3>{esc(key)}</h3>" + render_value(v)
-    for i, (name, hist) in enumerate(hists):
-        rel = f"plots/metrics-hist-{i}.png"
-        plots.histogram(hist["counts"], hist["edges"], site / rel, title=name.replace("_", " "),
-                        xlabel=str(hist.get("xlabel") or name.split(".")[-1].replace("_", " ")))
-        html += f"<figure><img src={rel} alt='{esc(name)}'><figcaption>{esc(name)}</figcaption></figure>"
     return html
 
 

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+PALETTE = ["#3367d6", "#e8710a", "#7cb342", "#8e24aa", "#757575"]
 CURVES = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction")]
 
 
@@ -45,16 +46,18 @@ def training_curves(log: list[dict], path: Path) -> list[str]:
     return [key for key, _ in present]
 
 
-def histogram(counts: list, edges: list, path: Path, title: str, xlabel: str) -> None:
-    """A bar histogram from precomputed ``counts`` (n) and ``edges`` (n + 1)."""
-    fig, ax = plt.subplots(figsize=(5.2, 2.8))
-    widths = [edges[i + 1] - edges[i] for i in range(len(counts))]
-    ax.bar(edges[:-1], counts, width=widths, align="edge", color="#3367d6", edgecolor="white", linewidth=0.3)
+def histograms(series: list[tuple[str, list, list, str]], path: Path, title: str) -> None:
+    """Precomputed histograms ``(label, counts, edges, x label)`` drawn as steps on one axis."""
+    fig, ax = plt.subplots(figsize=(5.6, 2.9))
+    for i, (label, counts, edges, _) in enumerate(series):
+        ax.stairs(counts, edges, label=label, linewidth=1.6, fill=len(series) == 1, color=PALETTE[i % len(PALETTE)])
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_xlabel(series[0][3], fontsize=8)
     ax.set_ylabel("count", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3, axis="y")
+    if len(series) > 1:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
@@ -66,7 +69,6 @@ def score_bars(table: dict[str, dict[str, dict[str, float]]], columns: list[str]
     """
     scorers = list(table)
     fig, axes = plt.subplots(1, len(scorers), figsize=(max(4.5, 0.9 * len(columns) + 2.5) * len(scorers) ** 0.8, 3.0), squeeze=False)
-    palette = ["#3367d6", "#e8710a", "#7cb342", "#8e24aa", "#757575"]
     for ax, scorer in zip(axes[0], scorers):
         baselines = list(table[scorer])
         width = 0.8 / max(1, len(baselines))
@@ -74,7 +76,7 @@ def score_bars(table: dict[str, dict[str, dict[str, float]]], columns: list[str]
             xs = [i + j * width for i, c in enumerate(columns) if c in table[scorer][baseline]]
             ys = [table[scorer][baseline][c] for c in columns if c in table[scorer][baseline]]
             label = "explanation" if baseline == "none" else baseline
-            ax.bar(xs, ys, width=width, label=label, color=palette[j % len(palette)])
+            ax.bar(xs, ys, width=width, label=label, color=PALETTE[j % len(PALETTE)])
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(columns))])
         ax.set_xticklabels(columns, fontsize=7, rotation=30, ha="right")
         ax.set_title(scorer, fontsize=10)
