@@ -62,7 +62,7 @@ def threshold_for(index, feature: int, method: Method = "paper", quantile: float
 
 
 def binarize_example(example, index=None, method: Method = "paper", quantile: float = 0.995,
-                     fraction: float = 0.5) -> tuple[np.ndarray, dict]:
+                     fraction: float = 0.5, heatmap: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """The mask [H, W] of an index example and the record of how it was made.
 
     ``index`` (a FeatureIndex) is needed for ``quantile`` and gives the feature maximum for

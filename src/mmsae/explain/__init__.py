@@ -90,24 +90,25 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def build_requests(index, features: list[int], cfg: ExplainConfig, template: str, highlight: str) -> Iterator[ExplainRequest]:
-    """Render each feature's top images with the activated region highlighted, lazily."""
+def request_maker(index, cfg: ExplainConfig, template: str, highlight: str):
+    """A function rendering a feature's request: its top images with the activated region highlighted."""
     from ..heatmap import binarize_example, overlay
 
-    for f in features:
+    def make(f: int) -> ExplainRequest:
         examples = index.top_examples(f, cfg.n_images)
+        vmax = index.stats(f)["max_activation"]
         images, records = [], []
         for ex in examples:
             image = index.image(ex.sample_id)
-            mask, record = binarize_example(ex, index, cfg.binarization, fraction=cfg.fraction)
+            heat = ex.heatmap()
+            mask, record = binarize_example(ex, index, cfg.binarization, fraction=cfg.fraction, heatmap=heat)
             records.append(record)
-            if highlight == "none":
-                images.append(image)
-            else:
-                images.append(overlay(image, ex.heatmap(), highlight, mask=mask, vmax=index.stats(f)["max_activation"]))
+            images.append(image if highlight == "none" else overlay(image, heat, highlight, mask=mask, vmax=vmax))
         tokens = [t["token"] for t in index.top_tokens(f)[:8]] if cfg.include_tokens else []
-        yield ExplainRequest(f, images, render(template, len(images), highlight, tokens), [ex.sample_id for ex in examples],
-                             records[0] if records else {"method": cfg.binarization})
+        return ExplainRequest(f, images, render(template, len(images), highlight, tokens), [ex.sample_id for ex in examples],
+                              records[0] if records else {"method": cfg.binarization})
+
+    return make
 
 
 def explain(cfg: ExplainConfig) -> Path:
@@ -150,13 +151,13 @@ def explain(cfg: ExplainConfig) -> Path:
     written = 0
     start = time.time()
     try:
-        for request, result in explainer.run(build_requests(index, todo, cfg, template, highlight), cfg.concepts):
+        for feature, request, result in explainer.run(todo, request_maker(index, cfg, template, highlight), cfg.concepts):
             if isinstance(result, FatalRequestError):
                 raise MmsaeError(f"{result} ({written} explanations written this run are kept in {out})")
             if isinstance(result, KeyboardInterrupt):
                 raise result
             if isinstance(result, BaseException):
-                failures.append((request.feature, str(result).splitlines()[0] if str(result) else type(result).__name__))
+                failures.append((feature, str(result).splitlines()[0] if str(result) else type(result).__name__))
                 bar.update(1)
                 continue
             append_jsonl(out, [_row(request, result, cfg, explainer.name, model_name, prompt_version, highlight, index)])

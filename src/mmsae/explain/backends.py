@@ -64,11 +64,15 @@ class Explainer:
         """Concept phrase and category per explanation (default: the keyword mapper)."""
         return [concept_words.keyword_concept(e) for e in explanations]
 
-    def run(self, requests: Iterable[ExplainRequest], concepts: bool) -> Iterator[tuple[ExplainRequest, ExplainResult | Exception]]:
-        """Yield ``(request, result or the exception that failed it)`` as results complete."""
+    def run(self, features: Iterable[int], make_request: Callable[[int], ExplainRequest],
+            concepts: bool) -> Iterator[tuple[int, ExplainRequest | None, ExplainResult | BaseException]]:
+        """Yield ``(feature, request, result or the exception that failed it)`` as results complete.
+
+        ``make_request`` renders a feature's request (its highlighted images and prompt).
+        """
         batch: list[ExplainRequest] = []
-        for request in requests:
-            batch.append(request)
+        for f in features:
+            batch.append(make_request(f))
             if len(batch) == self.batch_size:
                 yield from self._run_batch(batch, concepts)
                 batch = []
@@ -89,10 +93,10 @@ class Explainer:
             raise
         except Exception as e:  # one bad batch fails its features; the rest go on
             for request in batch:
-                yield request, e
+                yield request.feature, request, e
             return
         for request, result in zip(batch, results):
-            yield request, result
+            yield request.feature, request, result
 
     def close(self) -> None:
         pass
@@ -174,8 +178,17 @@ class OpenAIExplainer(Explainer):
                 result.details["concept_source"] = "keywords"
         return result
 
-    def run(self, requests, concepts):
-        yield from threaded(requests, lambda r: self._one(r, concepts), self.concurrency)
+    def run(self, features, make_request, concepts):
+        # rendering happens on the worker threads too, so it overlaps with the requests in flight
+        def work(f: int):
+            request = make_request(f)
+            return request, self._one(request, concepts)
+
+        for f, outcome in threaded(features, work, self.concurrency):
+            if isinstance(outcome, BaseException):
+                yield f, None, outcome
+            else:
+                yield f, outcome[0], outcome[1]
 
 
 def montage(images: list[Image.Image], tile: int = 336, gap: int = 8) -> Image.Image:

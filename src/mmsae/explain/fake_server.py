@@ -157,3 +157,25 @@ def _decodes(url: str) -> bool:
         return True
     except Exception:
         return False
+
+
+def main() -> None:
+    """``python -m mmsae.explain.fake_server --latency 0.5``: serve until killed; prints the base URL."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="a local fake OpenAI-compatible chat server (answers 'ok' after --latency)")
+    p.add_argument("--model", default="fake-vlm")
+    p.add_argument("--latency", type=float, default=0.0)
+    p.add_argument("--check-images", action=argparse.BooleanOptionalAction, default=True)
+    args = p.parse_args()
+    with FakeChatServer(model=args.model, latency=args.latency, check_images=args.check_images) as server:
+        print(server.base_url, flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

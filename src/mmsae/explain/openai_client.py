@@ -31,15 +31,19 @@ class TransientRequestError(Exception):
     """A request that failed after every retry (time-outs, 5xx, 429, malformed replies)."""
 
 
-def image_data_url(image: Image.Image, max_side: int | None = None) -> str:
-    """A PNG ``data:`` URL of ``image``, shrunk so its longer side is at most ``max_side``."""
+def image_data_url(image: Image.Image, max_side: int | None = None, fmt: str = "jpeg") -> str:
+    """A ``data:`` URL of ``image`` (JPEG quality 92 by default: several times faster to encode
+    than PNG and smaller on the wire), shrunk so its longer side is at most ``max_side``."""
     image = image.convert("RGB")
     if max_side and max(image.size) > max_side:
         scale = max_side / max(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    if fmt == "jpeg":
+        image.save(buf, format="JPEG", quality=92)
+    else:
+        image.save(buf, format="PNG")
+    return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def user_message(text: str, images: list[Image.Image], max_side: int | None = None) -> list[dict]:
