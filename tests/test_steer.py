@@ -195,3 +195,22 @@ def test_bad_input_is_one_line_error(adapter, tmp_path):
                       out=str(tmp_path / "o"))
     with pytest.raises(MmsaeError, match="feature 500 is out of range"):
         steer(cfg)
+
+
+def test_values_relative_to_the_index_max_activation(tmp_path):
+    from mmsae.index import IndexWriter
+    from mmsae.steer import build_interventions, relative_scale
+
+    writer = IndexWriter(tmp_path / "index", num_latents=16, top_n=2)
+    writer.add_activations(5, [0.0, 2.5, 1.0])
+    writer.add_activations(9, [4.0, 0.5])
+    writer.finish()
+    scales = relative_scale(str(tmp_path / "index"), [5, 9])
+    assert scales == pytest.approx([2.5, 4.0])
+    ivs = build_interventions([5, 9], [2.0], "clamp", scales)
+    assert [(iv.feature, iv.value, iv.mode) for iv in ivs] == [(5, 5.0, "clamp"), (9, 8.0, "clamp")]
+    assert [iv.value for iv in build_interventions([5, 9], [0.5, 3.0], "scale", scales)] == [0.5, 3.0]
+    with pytest.raises(MmsaeError, match="no positive max_activation"):
+        relative_scale(str(tmp_path / "index"), [3])
+    with pytest.raises(MmsaeError, match="2 values for 3 features"):
+        build_interventions([1, 2, 3], [1.0, 2.0], "add")
