@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmsae.errors import MmsaeError
 from mmsae.hooks import capture, edit, run_until
 from tiny_models import FAMILIES, tiny_adapter
 
@@ -166,3 +167,22 @@ def test_edit_and_capture_inside_generate(family):
     mask = forced["attention_mask"].bool()
     torch.testing.assert_close(seen.concat()[mask], full.last[mask], rtol=1e-4, atol=1e-4)
     assert no_hooks(adapter.model)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
+def test_capture_vision_tower_block(family):
+    adapter = tiny_adapter(family)
+    batch = two_samples(adapter)
+    blocks = adapter.vision_layers()
+    assert len(blocks) == 2  # the tiny towers have two blocks
+    with torch.no_grad(), capture(adapter.vision_layer_module(1)) as seen:
+        adapter.model(**batch.inputs)
+    assert len(seen) == 1 and seen.last.shape[-1] == 32 and seen.last.isfinite().all()
+    with pytest.raises(MmsaeError, match="out of range"):
+        adapter.vision_layer_module(2)
+    assert no_hooks(adapter.model)
+
+
+def test_text_only_model_has_no_vision_tower():
+    with pytest.raises(MmsaeError, match="no vision tower"):
+        tiny_adapter("llama").vision_layers()

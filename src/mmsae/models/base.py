@@ -139,6 +139,24 @@ class ModelAdapter:
         """
         return self.decoder_layers()[self.check_layer(layer)]
 
+    def vision_layers(self) -> torch.nn.ModuleList:
+        """The vision tower's transformer blocks (the first ModuleList inside the tower)."""
+        inner = getattr(self.model, "model", self.model)
+        for name in ("vision_tower", "visual", "vision_model"):
+            tower = getattr(inner, name, None)
+            if tower is not None:
+                for module in tower.modules():
+                    if isinstance(module, torch.nn.ModuleList):
+                        return module
+        raise MmsaeError(f"{self.model_id} ({self.family}) has no vision tower to hook")
+
+    def vision_layer_module(self, layer: int) -> torch.nn.Module:
+        """The module whose output is the vision tower's residual stream after block ``layer``."""
+        layers = self.vision_layers()
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(layers):
+            raise MmsaeError(f"vision layer {layer!r} is out of range for {self.model_id}: its vision tower has {len(layers)} blocks, use 0..{len(layers) - 1}")
+        return layers[layer]
+
     def hook_point(self, layer: int) -> str:
         """A stable name for the hook point, recorded in SAE configs and stores."""
         return f"language_model.layers.{layer}"
