@@ -19,7 +19,6 @@ from mmsae.io import append_jsonl, write_json
 from mmsae.models.base import Tile, TokenLayout
 from mmsae.report import DashboardConfig, build_dashboard, make_server
 from mmsae.report.safe import js_json
-from mmsae.report.tables import paper_table
 
 # A payload that would set window.pwned or the title if any of it were ever parsed as markup or
 # script: in HTML, in an attribute, and inside JSON embedded in a <script> element.
@@ -252,21 +251,15 @@ def test_run_report_sections_and_paper_table(site):
     for text in ("<th>all</th><th>image</th><th>text</th>", "ce_recovered", "0.894", "explained_variance"):
         assert text in evaluation, text
     assert "Not in this run" not in report  # every piece is there
-
-
-def test_paper_table_means_by_category():
-    scores = [{"feature": 0, "scorer": "iou", "baseline": "none", "value": 0.2, "category": "object"},
-              {"feature": 1, "scorer": "iou", "baseline": "none", "value": 0.4, "category": None},
-              {"feature": 2, "scorer": "iou", "baseline": "none", "value": 0.9, "category": "scene"},
-              {"feature": 0, "scorer": "iou", "baseline": "random_images", "value": 0.0, "category": "object"},
-              {"feature": 2, "scorer": "iou", "baseline": "random_images", "value": 0.1, "category": "scene"},
-              {"feature": 3, "scorer": "iou", "baseline": "none", "value": float("nan"), "category": "scene"}]
-    means, columns, counts = paper_table(scores, {1: {"category": "object"}})
-    assert columns == ["all", "scene", "object"]  # the paper's order
-    assert list(means["iou"]) == ["none", "random_images"]
-    assert means["iou"]["none"] == pytest.approx({"all": 0.5, "object": 0.3, "scene": 0.9})
-    assert means["iou"]["random_images"] == pytest.approx({"all": 0.05, "object": 0.0, "scene": 0.1})
-    assert counts["iou"]["none"]["object"] == 2
+    # the paper-layout table: a line per category; IoU of the explanations for 'object' is the mean of
+    # features 1 and 2 (0.2, 0.3), the total the mean over all six (0.1 ... 0.6)
+    table = report[report.index("<table class='rows paper'>"):]
+    table = table[:table.index("</table>")]
+    assert "<th>IoU ours</th><th>IoU random img</th><th>CLIP ours</th><th>CLIP shuffled</th>" in table
+    lines = {re.search(r"<th>(\w+)</th>", tr).group(1): tr for tr in table.split("<tr")[2:]}
+    assert list(lines) == ["scene", "object", "texture", "colour", "total"]  # the paper's order
+    assert "<td class=num>2</td><td class=num title='n = 2'>0.250 " in lines["object"]
+    assert "<td class=num>6</td><td class=num title='n = 6'>0.350 " in lines["total"]
 
 
 def test_missing_pieces_are_named_not_fatal(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,6 @@ from tqdm import tqdm
 
 from .rundata import RunData
 from .safe import clean, js_put, write_file
-from .tables import feature_scores
 
 LIST_TEXT_CHARS = 300  # explanations are cut to this length in the list (the feature page has all)
 
@@ -43,6 +43,16 @@ def _number(v) -> float | None:
 
 def _safe_name(value) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", str(value))[:100]
+
+
+def feature_scores(scores: list[dict]) -> dict[int, dict[str, float]]:
+    """Per feature, each scorer's value for the explanation itself (baseline "none"), averaged."""
+    acc: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in scores:
+        v = _number(row.get("value")) if not isinstance(row.get("value"), bool) else None
+        if v is not None and row.get("baseline", "none") in ("none", None):
+            acc[int(row["feature"])][str(row["scorer"])].append(v)
+    return {f: {s: sum(vs) / len(vs) for s, vs in by.items()} for f, by in acc.items()}
 
 
 def primary_scorer(scorers: set[str]) -> str | None:

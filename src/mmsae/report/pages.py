@@ -14,7 +14,6 @@ from . import plots
 from .features import steered_features
 from .rundata import RunData
 from .safe import esc, write_file
-from .tables import paper_table
 
 ASSETS = Path(__file__).parent / "assets"
 MAX_TABLE_ROWS = 50
@@ -168,23 +167,42 @@ def _metrics_section(metrics: dict, site: Path) -> str:
 
 
 def _scores_section(data: RunData, site: Path) -> str:
-    means, columns, counts = paper_table(data.scores, data.explanations)
-    if not means:
+    """The paper's Table 1 layout, from mmsae.score.table: a line per concept category (and the
+    total), a column per score and baseline, mean over features with a bootstrap 95% interval."""
+    from ..score.table import COLUMNS, summarize
+
+    summary = summarize(data.scores)
+    if not summary:
         return "<p class=muted>scores.jsonl has no numeric scores.</p>"
-    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
-    body = ""
-    for scorer, by in means.items():
-        for j, (baseline, cells) in enumerate(by.items()):
-            label = "explanation" if baseline == "none" else f"baseline: {baseline}"
-            cls = " class=group" if j == 0 else ""
-            body += (f"<tr{cls}><th>{esc(scorer) if j == 0 else ''}</th><td>{esc(label)}</td>"
-                     + "".join(f"<td title='n = {counts[scorer][baseline].get(c, 0)}'>{esc(fmt(cells.get(c))) if c in cells else '–'}</td>"
-                               for c in columns) + "</tr>")
-    html = (f"<table class='rows paper'><thead><tr><th>score</th><th></th>{head}</tr></thead><tbody>{body}</tbody></table>"
-            "<p class=muted>Mean over features (hover a cell for the count); each row of a scorer: the explanations, then "
-            "the same score under each baseline, as in the paper's Table 1.</p>")
-    plots.score_bars(means, columns, site / "plots/scores.png")
-    html += "<figure><img src=plots/scores.png alt='scores by category'></figure>"
+    cells = {(s["category"], s["scorer"], s["baseline"]): s for s in summary}
+    columns = [c for c in COLUMNS if any((cat, c[0], c[1]) in cells for cat, _, _ in cells)]
+    categories = list(dict.fromkeys(s["category"] for s in summary))  # summarize's order: the paper's, then total
+
+    def cell(category: str, scorer: str, baseline: str) -> str:
+        s = cells.get((category, scorer, baseline))
+        if s is None:
+            return "<td></td>"
+        digits = 1 if scorer in ("clip", "text_similarity") else 3
+        ci = (f"<span class=ci>[{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]</span>"
+              if s["n"] > 1 and s["ci_low"] is not None else "")
+        return f"<td class=num title='n = {s['n']}'>{s['mean']:.{digits}f} {ci}</td>"
+
+    n_features = {c: max([s["n"] for s in summary if s["category"] == c and s["baseline"] == "none"] or [0]) for c in categories}
+    head = "".join(f"<th>{esc(title)}</th>" for _, _, title in columns)
+    body = "".join(f"<tr{' class=total' if c == 'total' else ''}><th>{esc(c)}</th><td class=num>{n_features[c]}</td>"
+                   + "".join(cell(c, scorer, baseline) for scorer, baseline, _ in columns) + "</tr>" for c in categories)
+    html = (f"<div class=scroll><table class='rows paper'><thead><tr><th>category</th><th>features</th>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table></div><p class=muted>Mean over features with a bootstrap 95% interval; "
+            "'ours' scores each feature's own explanation, the other columns the same score under a baseline "
+            "(the paper's Table 1 compares with random images).</p>")
+    by_scorer: dict[str, dict[str, dict[str, float]]] = {}
+    for scorer, baseline, _ in columns:
+        if scorer in ("iou", "clip", "text_similarity", "detection"):
+            by_scorer.setdefault(scorer, {})[baseline] = {c: cells[(c, scorer, baseline)]["mean"] for c in categories
+                                                          if (c, scorer, baseline) in cells}
+    if by_scorer:
+        plots.score_bars(by_scorer, categories, site / "plots/scores.png")
+        html += "<figure><img src=plots/scores.png alt='scores by category'></figure>"
     if data.scores_md:
         html += f"<details><summary>scores.md</summary><pre>{esc(data.scores_md)}</pre></details>"
     return html
