@@ -166,6 +166,11 @@ def test_feature_list_search_feature_page_and_hostile_payload(browser_context, s
     assert page.locator("svg.hist rect").count() > 0
     page.click("#mode button[data-mode='overlay']")
     page.screenshot(path=str(shots / "feature.png"), full_page=True)
+    # previous / next follow the list's order (IoU: 5, 4, 3, 2, 1, 0)
+    assert page.get_attribute("#prev", "href") == "#2" and page.get_attribute("#next", "href") == "#0"
+    page.click("#prev")
+    page.wait_for_function("document.getElementById('explanation') && "
+                           "document.getElementById('explanation').textContent === 'green triangles'")
     watch.check(page)
 
     # the hostile feature: its explanation and token context are shown exactly, as text, and nothing runs

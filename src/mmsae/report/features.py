@@ -242,8 +242,12 @@ def write_features(site: Path, data: RunData, rows: list[dict], max_features: in
     if max_features is not None:
         chosen = chosen[:max_features]
     images = ImageWriter(site, data.index, thumb_size) if data.index is not None else None
-    for row in tqdm(chosen, desc="dashboard: feature pages", unit="feature", disable=len(chosen) < 50, mininterval=1.0):
+    for i, row in enumerate(tqdm(chosen, desc="dashboard: feature pages", unit="feature", disable=len(chosen) < 50,
+                                 mininterval=1.0)):
         detail = feature_detail(data, row["f"], row, images, n_images)
+        # previous / next in the list's default order (best first), among features with a page
+        detail["prev"] = chosen[i - 1]["f"] if i > 0 else None
+        detail["next"] = chosen[i + 1]["f"] if i + 1 < len(chosen) else None
         write_file(site / feature_data_path(row["f"]), js_put(f"f/{row['f']}", detail))
         row["p"] = 1
     return {row["f"] for row in chosen}

@@ -73,8 +73,8 @@ def write_index_page(site: Path, title: str) -> None:
 
 def write_feature_page(site: Path, title: str) -> None:
     body = (
-        "<div class=featnav><a id=prev href=#>&larr; previous</a> <a href=index.html>all features</a> "
-        "<a id=next href=#>next &rarr;</a></div>"
+        "<div class=featnav><a id=prev class=hidden href=#>&larr; previous</a> <a href=index.html>all features</a> "
+        "<a id=next class=hidden href=#>next &rarr;</a> <span class=muted>(in the list's order: best first)</span></div>"
         "<h1 id=title>feature</h1><div id=feature></div>"
     )
     write_file(site / "feature.html", page(title, body, "index", ["assets/app.js", "data/meta.js", "assets/feature.js"]))

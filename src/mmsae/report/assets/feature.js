@@ -127,6 +127,9 @@
   function render(d) {
     var root = clear($("feature"));
     var row = d.row || {};
+    ["prev", "next"].forEach(function (id) {
+      if (typeof d[id] === "number") { $(id).setAttribute("href", "#" + d[id]); $(id).className = ""; }
+    });
     $("title").textContent = "Feature #" + d.f;
     document.title = "Feature #" + d.f + " · " + meta.title;
     var badges = [];
@@ -160,8 +163,7 @@
 
   function show() {
     var f = parseInt(location.hash.slice(1), 10);
-    $("prev").setAttribute("href", "#" + Math.max(0, (f || 0) - 1));
-    $("next").setAttribute("href", "#" + ((f || 0) + 1));
+    ["prev", "next"].forEach(function (id) { $(id).className = "hidden"; });
     if (!(f >= 0)) { $("title").textContent = "No feature chosen"; return; }
     MMSAE.load("f/" + f, MMSAE.featureSrc(f)).then(render, function () {
       $("title").textContent = "Feature #" + f;
