@@ -103,6 +103,33 @@ def test_gives_up_after_retries_keeps_rows_and_rerun_asks_only_missing(index, tm
     assert server.requests == 0
 
 
+def test_ctrl_c_keeps_what_was_written(index, tmp_path, monkeypatch):
+    import mmsae.explain as explain_mod
+
+    real = explain_mod.request_maker
+
+    def interrupting(*args):
+        make = real(*args)
+
+        def maybe(f):
+            if f == 3:
+                raise KeyboardInterrupt
+            return make(f)
+        return maybe
+
+    out = tmp_path / "e.jsonl"
+    monkeypatch.setattr(explain_mod, "request_maker", interrupting)
+    with FakeChatServer() as server:
+        with pytest.raises(KeyboardInterrupt):
+            explain(_cfg(index, server, out, concurrency=1))
+    assert [r["feature"] for r in read_jsonl(out)] == [0, 1, 2]
+    monkeypatch.setattr(explain_mod, "request_maker", real)
+    with FakeChatServer() as server:
+        explain(_cfg(index, server, out, concurrency=1))
+    assert server.requests == 2 * (N_FEATURES - 3)
+    assert [r["feature"] for r in read_jsonl(out)] == list(range(N_FEATURES))
+
+
 def test_concurrency_limit_is_used_and_respected(index, tmp_path):
     with FakeChatServer(latency=0.3) as server:
         t0 = time.time()
@@ -203,7 +230,7 @@ def tiny_llava_index(tmp_path_factory):
 
 def test_demo_backend_runs_offline_on_a_llava(tiny_llava_index, tmp_path):
     out = explain(ExplainConfig(index=str(tiny_llava_index.path), out=str(tmp_path / "e.jsonl"), backend="demo",
-                                max_features=2, device="cpu"))
+                                max_features=2, max_new_tokens=8, device="cpu"))
     rows = read_jsonl(out)
     assert [r["feature"] for r in rows] == [0, 1]
     for r in rows:

@@ -80,7 +80,8 @@ def make_explainer(cfg: ExplainConfig, index) -> Explainer:
             raise MmsaeError("the hf backend needs --model (a transformers image-text-to-text model id or path)")
         return HFExplainer(cfg.model, cfg.batch_size, cfg.max_new_tokens, cfg.dtype, device)
     if cfg.backend == "demo":
-        return DemoExplainer(cfg.model or index.cfg["model"], batch_size=cfg.batch_size, dtype=cfg.dtype, device=device)
+        return DemoExplainer(cfg.model or index.cfg["model"], batch_size=cfg.batch_size, dtype=cfg.dtype, device=device,
+                             max_new_tokens=min(cfg.max_new_tokens, 40))  # a shapes caption is about 20 tokens
     raise MmsaeError(f"explainer backend {cfg.backend!r} is unknown; use openai, hf or demo")
 
 
