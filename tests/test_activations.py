@@ -279,7 +279,7 @@ def test_bad_input_is_one_line_errors(tmp_path, image_dir, text_jsonl, capsys):
     blocker.write_text("")
     with pytest.raises(MmsaeError, match="cannot create folder"):
         harvest(HarvestConfig(model=tiny_model("llama"), layer=0, data=str(text_jsonl), out=str(blocker / "store")))
-    ds = pytest.importorskip("datasets")
+    import datasets as ds
     ds.Dataset.from_dict({"sentence": ["a"], "n": [1]}).save_to_disk(str(tmp_path / "textds"))
     with pytest.raises(MmsaeError, match="no image column.*sentence, n"):
         run(tmp_path, "llava", tmp_path / "textds", name="x")
@@ -389,7 +389,6 @@ def test_non_finite_or_missing_shard_is_named(tmp_path):
 
 
 def test_shapes_harvest(tmp_path):
-    pytest.importorskip("mmsae.data.shapes")
     store = run(tmp_path, "llava", "shapes:5:1", tokens="image", batch_size=2)
     assert sorted(set(store.metadata()["sample"].tolist())) == [0, 1, 2, 3, 4]
     assert store.n_tokens == 5 * 16

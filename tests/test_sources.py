@@ -96,7 +96,7 @@ def _hf_rows(n: int):
 
 
 def test_saved_dataset_autodetects_columns_and_skips_corrupt(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     features = datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string"),
                                   "label": datasets.Value("int64")})
     ds = datasets.Dataset.from_dict(_hf_rows(4), features=features)
@@ -121,7 +121,7 @@ def test_saved_dataset_autodetects_columns_and_skips_corrupt(tmp_path):
 
 
 def test_parquet_dataset_is_streamed_and_sliced(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     ds = datasets.Dataset.from_dict(_hf_rows(7), features=datasets.Features(
         {"img": datasets.Image(), "caption": datasets.Value("string"), "label": datasets.Value("int64")}))
     (tmp_path / "pq").mkdir()
@@ -138,7 +138,7 @@ def test_parquet_dataset_is_streamed_and_sliced(tmp_path):
 
 
 def test_dataset_without_images_is_an_error_naming_columns(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     datasets.Dataset.from_dict({"sentence": ["a", "b"], "score": [1, 2]}).save_to_disk(str(tmp_path / "t"))
     with pytest.raises(MmsaeError, match="no image column.*sentence, score"):
         open_source(str(tmp_path / "t"))
@@ -159,7 +159,6 @@ def test_bad_specs(tmp_path):
 
 
 def test_shapes_source():
-    pytest.importorskip("mmsae.data.shapes")
     source = open_source("shapes:6:3")
     samples = list(source.samples(rank=1, world=2))
     assert [s.id for s in samples] == [1, 3, 5]

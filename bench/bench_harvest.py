@@ -1,0 +1,136 @@
+"""Harvest throughput against the bare forward pass of the same model and batches.
+
+Builds a small Llama from a config (default d=512, 8 layers; random weights, byte-level
+tokenizer), writes a JSONL of texts, and measures in one run, interleaved ``--repeats`` times
+(the best of each is reported, which is the least disturbed by other load on the machine):
+
+  full      model(**inputs) on pre-built batches: every layer, the final norm and the LM head
+  early     hooks.run_until(adapter, layer, inputs) on the same batches: stops after ``layer``
+  harvest   activations.harvest(...) over the same texts and batch size, end to end except model
+            loading: data reading, input building, early-exit forward, gathering the kept
+            tokens, the copy to the store dtype and the safetensors shards (its own loop timer)
+
+and prints tokens/s and the ratios: harvest vs early (the cost of hooks + store; target <= 5%),
+early vs full (target: in proportion to the layers skipped), harvest vs full.
+
+    python bench/bench_harvest.py                       # d=512, 8 layers, layer 3
+    python bench/bench_harvest.py --d 1024 --layers 12 --layer 5 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def build_model(out: Path, d: int, layers: int) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiny_models import make_tokenizer
+
+    tokenizer = make_tokenizer([])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d, intermediate_size=int(d * 8 / 3) // 64 * 64,
+                         num_hidden_layers=layers, num_attention_heads=max(1, d // 64), num_key_value_heads=max(1, d // 64),
+                         max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def texts(n: int, chars: int) -> list[str]:
+    words = "the red circle sits above a small blue square while green triangles drift across grey".split()
+    # lengths vary a little, as real prompts do, so batches carry some padding
+    return [" ".join(words[(i + j) % len(words)] for j in range(chars // 5 - i % 7)) for i in range(n)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--layer", type=int, default=3, help="harvested layer (0-based)")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--chars", type=int, default=160, help="characters per text (byte tokenizer: ~tokens)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", help="store dtype")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+
+    from mmsae.activations import ActivationStore, HarvestConfig, harvest
+    from mmsae.hooks import run_until
+    from mmsae.models import load_adapter
+
+    work = Path(tempfile.mkdtemp(prefix="bench-harvest-"))
+    try:
+        model_path = build_model(work / "model", args.d, args.layers)
+        data = texts(args.samples, args.chars)
+        (work / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in data))
+        adapter = load_adapter(model_path, device=args.device)
+        batches = [adapter.build_inputs(None, data[i:i + args.batch_size]) for i in range(0, len(data), args.batch_size)]
+        n_tokens = sum(int(b.inputs["attention_mask"].sum()) for b in batches)
+
+        def sync():
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        def bare(early: bool) -> float:
+            sync()
+            t = time.perf_counter()
+            with torch.no_grad():
+                for b in batches:
+                    if early:
+                        run_until(adapter, args.layer, b)
+                    else:
+                        adapter.model(**b.inputs, use_cache=False)
+            sync()
+            return time.perf_counter() - t
+
+        def harvest_once(i: int) -> tuple[float, float, ActivationStore]:
+            cfg = HarvestConfig(model=model_path, layer=args.layer, data=str(work / "data.jsonl"), out=str(work / f"store{i}"),
+                                batch_size=args.batch_size, dtype=args.dtype, device=args.device, shard_size=8192)
+            t = time.perf_counter()
+            store = harvest(cfg)
+            wall = time.perf_counter() - t
+            loop = sum(store.manifest["ranks"]["0"]["seconds"].values())
+            shutil.rmtree(cfg.out)
+            return loop, wall, store
+
+        bare(True), bare(False)  # warm-up
+        results = {"full": [], "early": [], "harvest": [], "harvest_wall": []}
+        for i in range(args.repeats):
+            results["full"].append(bare(False))
+            results["early"].append(bare(True))
+            loop, wall, store = harvest_once(i)
+            assert store.n_tokens == n_tokens, (store.n_tokens, n_tokens)
+            results["harvest"].append(loop)
+            results["harvest_wall"].append(wall)
+        best = {k: min(v) for k, v in results.items()}
+
+        print(f"model: Llama d={args.d}, {args.layers} layers, harvest layer {args.layer} "
+              f"({args.layer + 1}/{args.layers} layers run); {args.samples} samples x ~{n_tokens // args.samples} tokens, "
+              f"batch {args.batch_size}, device {args.device}, torch threads {torch.get_num_threads()}, store {args.dtype}")
+        print(f"best of {args.repeats}; all times: " + ", ".join(f"{k} {[round(x, 3) for x in v]}" for k, v in results.items()))
+        print(f"{'':32s}{'seconds':>10s}{'tokens/s':>12s}")
+        for name, key in [("bare forward, all layers", "full"), ("bare forward, early exit", "early"),
+                          ("harvest (loop: data+model+store)", "harvest"), ("harvest call incl. model load", "harvest_wall")]:
+            print(f"{name:32s}{best[key]:10.3f}{n_tokens / best[key]:12,.0f}")
+        print(f"hooks + store cost (harvest / early exit - 1): {best['harvest'] / best['early'] - 1:+.1%}  (target <= +5%)")
+        print(f"early-exit speed-up (full / early): {best['full'] / best['early']:.2f}x  "
+              f"(layers alone would give {args.layers / (args.layer + 1):.2f}x)")
+        print(f"harvest vs bare full forward (full / harvest): {best['full'] / best['harvest']:.2f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
