@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM
 from PIL import Image
+from transformers import AutoModelForCausalLM
 
 from .base import TokenLayout
 from .common import ChatAdapter
@@ -20,7 +20,7 @@ class CausalLMAdapter(ChatAdapter):
     def image_token_ids(self) -> list[int]:
         return []
 
-    def _messages(self, prompt: str, has_image: bool, answer: str | None = None) -> list[dict]:
+    def _messages(self, prompt: str, has_image: bool) -> list[dict]:
         return [{"role": "user", "content": prompt}]
 
     def format_prompt(self, prompt: str, has_image: bool, add_generation_prompt: bool = True) -> str:

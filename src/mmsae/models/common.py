@@ -45,13 +45,13 @@ class ChatAdapter(ModelAdapter):
     def image_placeholder(self) -> str:
         return getattr(self.processor, "image_token", "<image>")
 
-    def _messages(self, prompt: str, has_image: bool, answer: str | None = None) -> list[dict]:
+    def _messages(self, prompt: str, has_image: bool) -> list[dict]:
         content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
         return [{"role": "user", "content": content}]
 
     def format_prompt(self, prompt: str, has_image: bool, add_generation_prompt: bool = True) -> str:
         """The prompt text after the chat template (with the image placeholder, not yet expanded)."""
-        if getattr(self.processor, "chat_template", None):
+        if self._uses_template():
             return self.processor.apply_chat_template(
                 self._messages(prompt, has_image), tokenize=False, add_generation_prompt=add_generation_prompt
             )
@@ -92,6 +92,8 @@ class ChatAdapter(ModelAdapter):
                 batch[k] = v.to(self.dtype)
         answer_mask = None
         if answers is not None:
+            # the answer's tokens: those the answer adds to the prompt (the image placeholder
+            # expands the same way in both, so the plain tokenizer counts are enough)
             lengths = [self._count_tokens(t) - self._count_tokens(p) for t, p in zip(texts, prefixes)]
             answer_mask = answer_mask_from_lengths(batch["attention_mask"], lengths)
         sizes = [im.size if im is not None else None for im in images]

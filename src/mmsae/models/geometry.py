@@ -11,7 +11,8 @@ from __future__ import annotations
 Box = tuple[float, float, float, float]
 
 
-def _get(size, key):
+def size_value(size, key):
+    """``size[key]`` for a dict or a transformers SizeDict (None when absent)."""
     if size is None:
         return None
     if isinstance(size, dict):
@@ -21,10 +22,10 @@ def _get(size, key):
 
 def resize_output_size(width: int, height: int, size) -> tuple[int, int]:
     """(width, height) after an image processor's resize to ``size`` (a dict or SizeDict)."""
-    if _get(size, "height") and _get(size, "width"):
-        return int(_get(size, "width")), int(_get(size, "height"))
-    shortest = _get(size, "shortest_edge")
-    longest = _get(size, "longest_edge")
+    if size_value(size, "height") and size_value(size, "width"):
+        return int(size_value(size, "width")), int(size_value(size, "height"))
+    shortest = size_value(size, "shortest_edge")
+    longest = size_value(size, "longest_edge")
     if shortest:
         # transformers' get_resize_output_image_size(default_to_square=False)
         short, long = (width, height) if width <= height else (height, width)
@@ -56,7 +57,7 @@ def processed_canvas_box(width: int, height: int, image_processor) -> Box:
     if getattr(image_processor, "do_resize", True):
         cw, ch = resize_output_size(cw, ch, image_processor.size)
     if getattr(image_processor, "do_center_crop", False) and image_processor.crop_size is not None:
-        crop_w, crop_h = int(_get(image_processor.crop_size, "width")), int(_get(image_processor.crop_size, "height"))
+        crop_w, crop_h = int(size_value(image_processor.crop_size, "width")), int(size_value(image_processor.crop_size, "height"))
         sx, sy = (x1 - x0) / cw, (y1 - y0) / ch
         top, left = int((ch - crop_h) / 2.0), int((cw - crop_w) / 2.0)
         x0, y0 = x0 + left * sx, y0 + top * sy

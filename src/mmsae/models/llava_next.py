@@ -20,7 +20,7 @@ from transformers.image_processing_utils import select_best_resolution
 from ..errors import MmsaeError
 from .base import Tile, TokenLayout
 from .common import ChatAdapter
-from .geometry import Box, _get, resize_output_size
+from .geometry import Box, size_value, resize_output_size
 
 
 @dataclass
@@ -76,19 +76,19 @@ def anyres_geometry(width: int, height: int, image_processor, grid_pinpoints, vi
 def _processor_crop_px(image_processor) -> int:
     """The crop size in canvas pixels (the processor's ``patch_size`` in ``_preprocess``)."""
     crop, size = image_processor.crop_size, image_processor.size
-    return int(_get(crop, "height") or _get(size, "height") or _get(size, "shortest_edge"))
+    return int(size_value(crop, "height") or size_value(size, "height") or size_value(size, "shortest_edge"))
 
 
 def base_tile_box(width: int, height: int, image_processor) -> Box:
     """The base crop is the whole image squashed to ``size``, then (optionally) centre-cropped."""
     size = image_processor.size
-    side_h = _get(size, "height") or _get(size, "shortest_edge")
-    side_w = _get(size, "width") or _get(size, "shortest_edge")
+    side_h = size_value(size, "height") or size_value(size, "shortest_edge")
+    side_w = size_value(size, "width") or size_value(size, "shortest_edge")
     canvas_w, canvas_h = resize_output_size(side_w, side_h, size)
     box = (0.0, 0.0, float(width), float(height))
     crop = image_processor.crop_size
-    if getattr(image_processor, "do_center_crop", False) and crop is not None and _get(crop, "height"):
-        ch, cw = int(_get(crop, "height")), int(_get(crop, "width"))
+    if getattr(image_processor, "do_center_crop", False) and crop is not None and size_value(crop, "height"):
+        ch, cw = int(size_value(crop, "height")), int(size_value(crop, "width"))
         top, left = int((canvas_h - ch) / 2.0), int((canvas_w - cw) / 2.0)
         sx, sy = width / canvas_w, height / canvas_h
         box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)

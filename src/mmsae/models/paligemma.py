@@ -7,7 +7,6 @@ prompt and a newline; an answer goes in as the processor's ``suffix`` (followed 
 
 from __future__ import annotations
 
-import torch
 from PIL import Image
 from transformers import PaliGemmaForConditionalGeneration
 
