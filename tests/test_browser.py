@@ -122,6 +122,8 @@ def test_feature_list_search_feature_page_and_hostile_payload(browser_context, s
     assert rows.count() == 4  # the first page (page size 4) of the 6 live features
     assert "page 1 of 2" in page.inner_text("#page-info")
     assert rows.nth(0).locator("td").nth(0).inner_text() == "#5"  # best IoU first
+    assert page.locator("#features img.thumb").count() == 4  # each live feature's best example
+    page.wait_for_function("Array.from(document.querySelectorAll('#features img.thumb')).every(i => i.complete && i.naturalWidth > 0)")
     page.screenshot(path=str(shots / "index.png"), full_page=True)
 
     # the next page needs the second chunk, loaded on demand; the hostile explanation is plain text there

@@ -250,4 +250,7 @@ def write_features(site: Path, data: RunData, rows: list[dict], max_features: in
         detail["next"] = chosen[i + 1]["f"] if i + 1 < len(chosen) else None
         write_file(site / feature_data_path(row["f"]), js_put(f"f/{row['f']}", detail))
         row["p"] = 1
+        top = next((ex for ex in detail.get("examples", []) if "overlay" in ex), None)
+        if top:
+            row["t"] = top["overlay"]  # the list shows the best example as a thumbnail
     return {row["f"] for row in chosen}

@@ -64,7 +64,7 @@ def write_index_page(site: Path, title: str) -> None:
         "<label><input id=hide-dead type=checkbox checked> hide dead</label>"
         "<label><input id=hide-dense type=checkbox> hide dense</label>"
         "</div><div id=status class=muted></div>"
-        "<table id=features class=features><thead><tr><th>#</th><th>explanation</th><th>category</th>"
+        "<table id=features class=features><thead><tr><th>#</th><th></th><th>explanation</th><th>category</th>"
         "<th id=score-heads>scores</th><th>frequency</th><th>max act.</th></tr></thead><tbody></tbody></table>"
         "<div id=pager class=pager></div>"
     )

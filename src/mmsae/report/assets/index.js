@@ -119,8 +119,10 @@
         var v = score(r, s);
         return el("span", { class: "score", title: s }, [v === null ? "–" : fmt(v)]);
       }));
+      var thumb = r.t ? el("img", { src: r.t, alt: "", class: "thumb", loading: "lazy" }) : null;
       tbody.appendChild(el("tr", { class: r.d ? "dead" : "" }, [
-        el("td", {}, [id]), el("td", { class: "expl" }, text.concat(badges)), el("td", {}, [r.c || ""]),
+        el("td", {}, [id]), el("td", { class: "thumbcell" }, [thumb]), el("td", { class: "expl" }, text.concat(badges)),
+        el("td", {}, [r.c || ""]),
         scores, cell(r, "fr"), cell(r, "mx"),
       ]));
     });
