@@ -912,6 +912,10 @@ def build_index(cfg: IndexConfig) -> FeatureIndex:
         text_i = torch.cat([codes[b][1][1] for b in range(len(batch))])
         state.add_text(torch.cat(sample_t), torch.cat(pos_t), torch.cat(ctx_t), text_v, text_i)
         state.next_id = batch[-1].id + 1
+        # evicted maps are dropped once they outnumber the live ones: memory stays O(features x N)
+        live = int((state.top_sample >= 0).sum() + (state.rand_sample >= 0).sum())
+        if len(state.maps) > 2 * live + 4096:
+            state.prune()
 
     since_ckpt = 0
     bar = tqdm(total=total, initial=state.next_id, desc="index", unit="sample", dynamic_ncols=True)
