@@ -271,9 +271,9 @@ def open_source(
 
     ``spec`` is one of: a folder of images; a ``.jsonl`` file of ``{"image", "text"}``; a Hugging
     Face dataset as a local path (``save_to_disk`` folder, or a folder/file of parquet, arrow,
-    csv or json data) or a hub name (streamed); or ``shapes:N[:SEED]``. ``prompt`` is the text
-    used for samples that have none. ``allow_text_only`` accepts datasets without an image column
-    (for text-only models).
+    csv or json data) or a hub name, ``NAME`` or ``NAME:CONFIG`` (streamed); or
+    ``shapes:N[:SEED]``. ``prompt`` is the text used for samples that have none.
+    ``allow_text_only`` accepts datasets without an image column (for text-only models).
     """
     if spec.startswith("shapes:"):
         parts = spec.split(":")[1:]
@@ -299,7 +299,9 @@ def open_source(
         raise MmsaeError(f"cannot read {spec} as data: expected a folder of images, a .jsonl file, "
                          "a dataset folder or a parquet/arrow/csv/json file")
     elif spec.count("/") <= 1 and not spec.startswith((".", "/", "~")):
-        dataset = _load_dataset(spec, spec, split)  # a hub name such as "lmms-lab/LLaVA-OneVision-Data"
+        # a hub name such as "lmms-lab/LLaVA-NeXT-Data", or NAME:CONFIG for a dataset with subsets
+        name, _, config = spec.partition(":")
+        dataset = _load_dataset(name, spec, split, **({"name": config} if config else {}))
     else:
         raise MmsaeError(f"data {spec} does not exist; give a folder of images, a .jsonl file, a dataset path or name, or shapes:N")
     return HFDatasetSource(dataset, spec, prompt, image_column, text_column, allow_text_only)
