@@ -118,6 +118,10 @@ def make_run(root: Path, with_index: bool = True) -> Path:
         {"prompt": "What colour is the shape? " + HOSTILE, "image": None,
          "interventions": [{"feature": 1, "value": 8.0, "mode": "clamp"}], "span": "all", "layer": 2,
          "clean": "It is red.", "steered": "It is blue. " + HOSTILE}])
+    write_json(run / "sweep.json", {"feature": 1, "keywords": ["blue"],
+                                    "rows": [{"value": None, "concept_rate": 0.0, "perplexity": 3.0},
+                                             {"value": 8.0, "concept_rate": 1.0, "perplexity": 4.5}]})
+    Image.new("RGB", (40, 30), (40, 80, 200)).save(run / "sweep.png")
     Image.new("RGB", (32, 32), (200, 80, 40)).save(run / "attribution_heatmap.png")
     write_json(run / "attribution.json", {
         "prompt": "Is there a red shape? " + HOSTILE, "answer": "yes", "contrast": "no", "objective_kind": "logit_diff",
@@ -244,8 +248,13 @@ def test_run_report_sections_and_paper_table(site):
     for plot in ("training.png", metric_plots[0], "scores.png"):
         with Image.open(site / "plots" / plot) as im:
             assert im.format == "PNG" and im.size[0] > 100, plot
-    with Image.open(site / "plots/attribution-all.png") as im:  # the run's own figure, copied
+    with Image.open(site / "plots/attribution-all.png") as im:  # the run's own figures, copied
         assert im.size == (32, 32)
+    with Image.open(site / "plots/steering-sweep.png") as im:
+        assert im.size == (40, 30)
+    steering = report[report.index("<h2>Steering</h2>"):report.index("<h2>Attribution</h2>")]
+    assert "plots/steering-sweep.png" in steering and "concept_rate" in steering
+    assert "<a href='feature.html#1'>#1</a>" in steering  # the steered feature links to its page
     assert "tiny-llava" in report and "language_model.layers.2" in report
     evaluation = report[report.index("<h2>Evaluation</h2>"):report.index("<h2>Explanation scores</h2>")]
     for text in ("<th>all</th><th>image</th><th>text</th>", "ce_recovered", "0.894", "explained_variance"):

@@ -82,20 +82,20 @@ def write_feature_page(site: Path, title: str) -> None:
 
 # --- the run report --------------------------------------------------------------------------
 
-def kv_table(d: dict, keys: list[str] | None = None) -> str:
-    rows = "".join(f"<tr><th>{esc(k)}</th><td>{render_value(d[k])}</td></tr>" for k in (keys or list(d)) if k in d)
+def kv_table(d: dict, keys: list[str] | None = None, depth: int = 0) -> str:
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{render_value(d[k], depth + 1)}</td></tr>" for k in (keys or list(d)) if k in d)
     return f"<table class=kv>{rows}</table>"
 
 
 def render_value(v: Any, depth: int = 0) -> str:
-    """Any JSON value as escaped HTML: tables for dicts and lists of dicts, text otherwise."""
+    """Any JSON value as escaped HTML: tables for dicts and lists of dicts (a few levels deep), text otherwise."""
+    if isinstance(v, (dict, list)) and depth > 3:
+        return f"<code>{esc(json.dumps(v, ensure_ascii=False))}</code>"
     if isinstance(v, dict):
-        if depth > 2:
-            return f"<code>{esc(fmt(v))}</code>"
-        return kv_table(v) if not v or depth < 2 else "<code>" + esc(", ".join(f"{k}: {fmt(x)}" for k, x in v.items())) + "</code>"
+        return kv_table(v, depth=depth)
     if isinstance(v, list):
         if v and all(isinstance(x, dict) for x in v):
-            return rows_table(v, depth + 1)
+            return rows_table(v, depth)
         if len(v) > 24 and all(isinstance(x, (int, float)) for x in v):
             return f"<code>[{esc(', '.join(fmt(x) for x in v[:24]))}, … {len(v)} values]</code>"
         return "<code>" + esc("[" + ", ".join(fmt(x) for x in v) + "]") + "</code>"
