@@ -5,7 +5,7 @@ import pytest
 
 from mmsae.score.baselines import bootstrap_ci, derangement, random_images
 from mmsae.score.detection import auroc, balanced_accuracy
-from mmsae.score.iou import dataset_iou, fit_mask, iou, mean_iou
+from mmsae.score.iou import dataset_iou, fit_mask, iou, mean_iou, netdissect_iou
 from mmsae.score.table import csv_table, markdown_table, summarize
 
 
@@ -155,3 +155,13 @@ def test_resolution_ceiling_hand_computed():
     assert resolution_ceiling(layout, mask, lambda h: h > 0) == pytest.approx(31 / 50)
     assert resolution_ceiling(layout, mask, lambda h: h > 0.5 * h.max()) == pytest.approx(25 / 31)
     assert resolution_ceiling(layout, None, lambda h: h > 0) == 0.0
+
+
+def test_netdissect_estimate_hand_computed():
+    # 100 images, the feature fires on 10; sampled firing images have (I, U) = (30, 60) and (10, 40):
+    # sum I = 10 * 20 = 200; sum U = 10 * 50 + 90 * mean(mask area on others: 0, 20) = 500 + 900
+    assert netdissect_iou([(30, 60), (10, 40)], 10, [0, 20], 100) == pytest.approx(200 / 1400)
+    # with every image sampled it is the exact pooled IoU
+    pairs = [(3, 9), (0, 4)]
+    assert netdissect_iou(pairs, 2, [5], 3) == pytest.approx(3 / (13 + 5))
+    assert netdissect_iou([], 0, [5], 3) == 0.0

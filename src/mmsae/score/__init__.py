@@ -8,7 +8,8 @@ appended feature by feature and a rerun skips features already scored.
 Per feature, with its top ``top`` images and their binarised activation maps:
 
 * ``iou``: the concept phrase is segmented on each image and compared with the map (mean over
-  images, a failed segmentation counts 0), plus ``iou_dataset``, Network Dissection's pooled IoU;
+  images, a failed segmentation counts 0), plus ``iou_dataset``, Network Dissection's IoU over the
+  dataset (sum of intersections over sum of unions), estimated from the index's samples;
 * ``clip``: CLIP score between the explanation and each image (needs a CLIP model);
 * ``text_similarity``: MiniLM similarity between the explanation and the ground-truth caption of
   the activated region (shapes world only; the offline stand-in for CLIP score, named as such);
@@ -37,7 +38,7 @@ from ..errors import MmsaeError
 from ..io import read_json, read_jsonl, append_jsonl, write_json, write_text
 from .baselines import bootstrap_ci, derangement, random_images
 from .detection import QUESTION, ChatJudge, ClipJudge, DetectionItem, OracleJudge, adapter_asker, detect, openai_asker
-from .iou import dataset_iou, iou, resolution_ceiling
+from .iou import dataset_iou, intersection_union, iou, netdissect_iou, resolution_ceiling
 from .segmenters import FullMaskSegmenter, load_segmenter, region_caption, scene_from_meta
 from .table import csv_table, markdown_table, normalize_category, summarize
 
@@ -88,6 +89,8 @@ class ScoreConfig:
         "help": "activated region: paper (> 0), quantile (above the dataset quantile) or fraction (of the feature max)"})
     quantile: float = field(default=0.995, metadata={"help": "for --binarization quantile (Network Dissection: 0.995)"})
     fraction: float = field(default=0.5, metadata={"help": "for --binarization fraction: the fraction of the feature's maximum"})
+    netdissect_images: int = field(default=20, metadata={
+        "help": "images sampled on each side (firing / not firing) for Network Dissection's dataset-level IoU; 0 skips it"})
     seed: int = field(default=0, metadata={"help": "seed for random images, shuffling and bootstrap"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the confidence intervals"})
     max_features: Optional[int] = field(default=None, metadata={"help": "score at most this many features"})
@@ -208,12 +211,47 @@ class _Scorer:
         if "detection" in cfg.scorers:
             self.judge = _make_judge(cfg, index, self.clip)
         self._masks: dict[tuple[int, str], Any] = {}
+        self._reservoir: dict[int, list] = {}  # the current feature's firing sample with binarised maps
 
     def _segment(self, sample_id: int, image, meta, phrase: str):
         key = (sample_id, phrase)
         if key not in self._masks:
             self._masks[key] = self.segmenter.segment(image, phrase, meta)
         return self._masks[key]
+
+    def _netdissect(self, feature: int, phrase: str, activating: set[int]) -> tuple[float, dict] | None:
+        """Network Dissection's dataset-level IoU of ``phrase``, estimated from the index's samples.
+
+        The firing images are the index's uniform sample of images where the feature fires; the
+        non-firing ones are ``netdissect_images`` random other images. None when the index keeps
+        no such sample (an index built without random examples).
+        """
+        from ..heatmap import binarize_example
+
+        cfg, index = self.cfg, self.index
+        stats = index.stats(feature)
+        n_images, n_firing = stats["n_images"], stats["image_frequency"] * stats["n_images"]
+        if feature not in self._reservoir:
+            examples = index.random_examples(feature)
+            if len(examples) > cfg.netdissect_images:  # a uniform subset (the list is sorted by score)
+                keep = np.random.default_rng([cfg.seed, feature, 2]).choice(len(examples), cfg.netdissect_images,
+                                                                          replace=False)
+                examples = [examples[i] for i in sorted(keep)]
+            self._reservoir = {feature: [(int(e.sample_id), binarize_example(e, index, cfg.binarization, cfg.quantile,
+                                                                              cfg.fraction)[0]) for e in examples]}
+        sample = self._reservoir[feature]
+        if not sample or not n_images:
+            return None
+        firing = [intersection_union(self._segment(s, index.image(s), index.sample_meta(s), phrase), act)
+                  for s, act in sample]
+        negatives = random_images(self.pool, activating, cfg.netdissect_images, cfg.seed + 1, feature)
+        areas = []
+        for s in negatives:
+            mask = self._segment(s, index.image(s), index.sample_meta(s), phrase)
+            areas.append(0 if mask is None else int(mask.sum()))
+        value = netdissect_iou(firing, n_firing, areas, n_images)
+        return value, {"n_images": n_images, "n_firing": n_firing, "firing_sampled": len(firing),
+                       "nonfiring_sampled": len(areas)}
 
     def score_feature(self, feature: int) -> list[dict]:
         cfg = self.cfg
@@ -254,7 +292,11 @@ class _Scorer:
                 per_image = [iou(mk, a) for mk, a in zip(masks, data.maps)]
                 failed = sum(mk is None for mk in masks)
                 emit("iou", baseline, np.mean(per_image), per_image=per_image, failed=failed, phrase=phrase, **common)
-                emit("iou_dataset", baseline, dataset_iou(masks, data.maps), phrase=phrase, **common)
+                if cfg.netdissect_images > 0:
+                    estimate = self._netdissect(feature, phrase, activating)
+                    if estimate is not None:
+                        emit("iou_dataset", baseline, estimate[0], phrase=phrase, **estimate[1],
+                             pooled_top_images=dataset_iou(masks, data.maps), **common)
             if "random_images" in cfg.baselines and rand_ids:
                 phrase = texts["none"][1]
                 masks = [self._segment(s, im, m, phrase) for s, im, m in zip(rand_ids, rand_images, rand_metas)]

@@ -5,7 +5,9 @@ Two aggregations:
 * the paper's: IoU per top image, averaged over the feature's top images (a failed
   segmentation, i.e. no mask, counts as IoU 0);
 * Network Dissection's dataset-level IoU: the sum of intersections over the sum of unions across
-  all images, so large and empty images weigh by their pixels rather than one vote each.
+  all images of the dataset, so large and empty images weigh by their pixels rather than one vote
+  each. The index keeps only samples of the dataset, so :func:`netdissect_iou` estimates the sums
+  from a uniform sample of the images where the feature fires and a sample of the others.
 """
 
 from __future__ import annotations
@@ -52,6 +54,24 @@ def dataset_iou(masks: list[np.ndarray | None], activations: list[np.ndarray]) -
         i, u = intersection_union(m, a)
         inter += i
         union += u
+    return inter / union if union else 0.0
+
+
+def netdissect_iou(firing: list[tuple[int, int]], n_firing: float, nonfiring_mask_areas: list[int],
+                   n_images: int) -> float:
+    """Network Dissection's IoU over a dataset, estimated from samples.
+
+    ``firing``: (intersection, union) pixel counts on a uniform sample of the ``n_firing`` images
+    where the feature fires; ``nonfiring_mask_areas``: the concept mask's pixel count on a sample
+    of the other ``n_images - n_firing`` images (where the feature's map is empty, the union is the
+    mask). Each sample mean is scaled by its population: sum I / sum U.
+    """
+    if not firing or n_firing <= 0:
+        return 0.0
+    inter = n_firing * float(np.mean([i for i, _ in firing]))
+    union = n_firing * float(np.mean([u for _, u in firing]))
+    if nonfiring_mask_areas and n_images > n_firing:
+        union += (n_images - n_firing) * float(np.mean(nonfiring_mask_areas))
     return inter / union if union else 0.0
 
 
