@@ -198,7 +198,7 @@ def test_run_report_in_browser(csp_context, site, shots):
     watch = Watch(page, base)
     page.goto(f"{base}/report.html")
     page.wait_for_load_state("load")
-    assert page.locator("h2").all_inner_texts()[:3] == ["Run", "SAE configuration", "Training"]
+    assert page.locator("h2").all_inner_texts()[:4] == ["Run", "Pipeline (mmsae demo)", "SAE configuration", "Training"]
     broken = page.evaluate("Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
     assert not broken and page.locator("img").count() >= 4
     assert HOSTILE[:40] in page.inner_text("body")

@@ -123,6 +123,7 @@ def make_run(root: Path, with_index: bool = True) -> Path:
                                              {"value": 8.0, "concept_rate": 1.0, "perplexity": 4.5}]})
     Image.new("RGB", (40, 30), (40, 80, 200)).save(run / "sweep.png")
     Image.new("RGB", (32, 32), (200, 80, 40)).save(run / "attribution_heatmap.png")
+    write_json(run / "demo_log.json", {"quick": True, "stages": {"harvest": {"seconds": 12.5}, "train": {"seconds": 40.0}}})
     write_json(run / "attribution.json", {
         "prompt": "Is there a red shape? " + HOSTILE, "answer": "yes", "contrast": "no", "objective_kind": "logit_diff",
         "objective": 1.5, "layer": 2,
@@ -241,7 +242,8 @@ def test_js_json_escapes_and_round_trips():
 
 def test_run_report_sections_and_paper_table(site):
     report = (site / "report.html").read_text(encoding="utf-8")
-    for section in ("Run", "SAE configuration", "Training", "Evaluation", "Explanation scores", "Steering", "Attribution"):
+    for section in ("Run", "Pipeline (mmsae demo)", "SAE configuration", "Training", "Evaluation", "Explanation scores",
+                    "Steering", "Attribution"):
         assert f"<h2>{section}</h2>" in report, section
     metric_plots = sorted(p.name for p in (site / "plots").glob("metrics-*.png"))
     assert len(metric_plots) == 1  # the density histograms of all / image / text tokens, on one plot

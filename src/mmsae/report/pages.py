@@ -309,6 +309,8 @@ def write_report(site: Path, data: RunData, facts: dict, title: str, pages: set[
     if data.missing or data.problems:
         items = "".join(f"<li>{esc(m)}</li>" for m in data.missing + data.problems)
         sections.append(("Not in this run", f"<ul class=missing>{items}</ul>"))
+    if isinstance(data.demo_log, dict):
+        sections.append(("Pipeline (mmsae demo)", render_value(data.demo_log)))
     if data.sae_cfg:
         sections.append(("SAE configuration", kv_table(data.sae_cfg)))
     if data.train_log:

@@ -28,6 +28,7 @@ class RunData:
     steering_dir: Path | None = None  # where steering.jsonl lies; its sweep.json / sweep.png sit beside it
     attribution: Any = None
     attribution_dir: Path | None = None  # attribution.json names its heat-map PNGs relative to this
+    demo_log: dict | None = None  # what `mmsae demo` records: sizes and seconds per stage
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -111,4 +112,6 @@ def load_run(run: str | Path, sae: str | Path | None = None) -> RunData:
     data.attribution_dir = _stage_dir(run, "attribution", "attribution.json")
     data.attribution = _optional(data, data.attribution_dir / "attribution.json", "no attribution (run `mmsae attribute`)",
                                  lambda p: json.loads(p.read_text(encoding="utf-8")))
+    if (run / "demo_log.json").exists():
+        data.demo_log = _optional(data, run / "demo_log.json", "", read_json)
     return data
