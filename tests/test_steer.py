@@ -214,3 +214,21 @@ def test_values_relative_to_the_index_max_activation(tmp_path):
         relative_scale(str(tmp_path / "index"), [3])
     with pytest.raises(MmsaeError, match="2 values for 3 features"):
         build_interventions([1, 2, 3], [1.0, 2.0], "add")
+
+
+def test_sweep_with_a_judge(adapter):
+    from mmsae.steer import sweep
+
+    seen = []
+
+    def judge(text):
+        seen.append(text)
+        return len(seen) % 2 == 0  # every second output "expresses" the concept
+
+    rows = sweep(adapter, make_sae(adapter), 5, [30.0], ["hi", "name a colour"], [image(0), image(1)],
+                 mode="add", max_new_tokens=3, judge=judge)
+    assert [r["value"] for r in rows] == [None, 30.0]
+    assert len(seen) == 4 and [r["concept_rate"] for r in rows] == [0.5, 0.5]
+    assert seen == rows[0]["outputs"] + rows[1]["outputs"]
+    with pytest.raises(MmsaeError, match="needs keywords"):
+        sweep(adapter, make_sae(adapter), 5, [1.0], ["hi"])

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import MmsaeError
+from .hooks import edit
 from .io import append_jsonl, atomic_path, ensure_dir, write_json
 from .steer import (Intervention, build_interventions, decoder_directions, feature_activations, load_images,
                     load_model_and_sae, resolve_layer, run_batches, work_dtype)
@@ -138,8 +139,6 @@ def _frozen_params(model: torch.nn.Module):
 
 def attribute_answer(adapter, sae, objective: AnswerObjective, layer: int | None = None) -> Attribution:
     """Activation x gradient for every active feature at every position, in one forward + backward."""
-    from .hooks import edit
-
     layer = resolve_layer(adapter, sae, layer)
     splice = _Splice(sae)
     restore = _frozen_params(adapter.model)
@@ -182,8 +181,6 @@ def _repeat_batch(inputs: dict, n: int) -> dict:
 def ablation_effects(adapter, sae, objective: AnswerObjective, features: list[int], layer: int | None = None,
                      batch_size: int = 8) -> list[float]:
     """The real change of the objective when each feature is zeroed at every position."""
-    from .hooks import edit
-
     layer = resolve_layer(adapter, sae, layer)
     with torch.no_grad():
         clean = float(objective(adapter.model(**objective.inputs.inputs).logits)[0])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Literal, Optional
 import torch
 
 from .errors import MmsaeError
+from .hooks import edit
 from .io import append_jsonl, ensure_dir, read_jsonl, write_json
 
 Mode = Literal["clamp", "add", "scale"]
@@ -186,12 +187,6 @@ class FeatureEditor:
         return (x + delta).to(hidden.dtype)
 
 
-def _edit_context(module: torch.nn.Module, fn):
-    from .hooks import edit
-
-    return edit(module, fn)
-
-
 @contextmanager
 def steered(adapter, sae, interventions: Sequence[Intervention], span: str = "all", inputs=None,
             layer: int | None = None) -> Iterator[FeatureEditor]:
@@ -203,7 +198,7 @@ def steered(adapter, sae, interventions: Sequence[Intervention], span: str = "al
     layer = resolve_layer(adapter, sae, layer)
     prompt_mask = span_mask(inputs, span) if inputs is not None else None
     editor = FeatureEditor(sae, interventions, span, prompt_mask)
-    with _edit_context(adapter.layer_module(layer), editor):
+    with edit(adapter.layer_module(layer), editor):
         yield editor
 
 
@@ -286,6 +281,10 @@ class SteerConfig:
         "help": "sweep: words whose presence in the output counts as expressing the concept"})
     explanations: Optional[str] = field(default=None, metadata={
         "help": "sweep: explanations.jsonl; the feature's concept (or explanation) gives the keywords"})
+    judge_model: Optional[str] = field(default=None, metadata={
+        "help": "sweep: judge concept expression with this model on an OpenAI-compatible endpoint instead of keywords"})
+    judge_base_url: Optional[str] = field(default=None, metadata={
+        "help": "sweep: the judge's endpoint (default: $OPENAI_BASE_URL or api.openai.com)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "model dtype: float32, bfloat16, float16"})
@@ -357,23 +356,45 @@ def expresses(text: str, keywords: Sequence[str]) -> bool:
     return any(k.lower() in low for k in keywords)
 
 
+JUDGE_PROMPT = ("Concept: {concept}\nText: {text}\n\nDoes the text express or mention the concept? "
+                "Answer with one word: yes or no.")
+
+
+def openai_judge(model: str, base_url: str | None = None, concept: str = "") -> Callable[[str], bool]:
+    """A judge through the explainer's OpenAI-compatible client: does a text express ``concept``?"""
+    import os
+
+    from .explain.openai_client import OpenAIClient, user_message
+
+    client = OpenAIClient(base_url=base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
+                          model=model, api_key=os.environ.get("OPENAI_API_KEY"), max_tokens=3)
+
+    def judge(text: str) -> bool:
+        reply = client.chat(user_message(JUDGE_PROMPT.format(concept=concept, text=text), []))
+        return reply.strip().lower().startswith("yes")
+
+    return judge
+
+
 def sweep(adapter, sae, feature: int, values: Sequence[float], prompts: Sequence[str], images=None,
           keywords: Sequence[str] = (), mode: str = "clamp", span: str = "all", max_new_tokens: int = 32,
-          batch_size: int = 8, layer: int | None = None, value_scale: float = 1.0) -> list[dict]:
-    """For each value: the fraction of outputs containing a keyword and their mean clean perplexity.
+          batch_size: int = 8, layer: int | None = None, value_scale: float = 1.0,
+          judge: Callable[[str], bool] | None = None) -> list[dict]:
+    """For each value: how often the outputs express the concept, and their mean clean perplexity.
 
-    Value 0 in ``add`` mode, 1 in ``scale`` mode are the clean model; the clean baseline is always
-    measured too (row with ``value`` None).
+    An output expresses the concept when it contains one of ``keywords`` or, given a ``judge``
+    (text -> bool), when the judge says so. Value 0 in ``add`` mode and 1 in ``scale`` mode are
+    the clean model; the clean baseline is always measured too (the row with ``value`` None).
     """
-    if not keywords:
-        raise MmsaeError(f"the sweep of feature {feature} needs keywords (--keywords or --explanations with its concept)")
+    if not keywords and judge is None:
+        raise MmsaeError(f"the sweep of feature {feature} needs keywords (--keywords, or --explanations with its concept) or --judge-model")
     images = list(images) if images is not None else [None] * len(prompts)
     rows = []
     for value in [None, *values]:
         ivs = [] if value is None else build_interventions([feature], [value], mode, [value_scale])
         texts, ppl = run_batches(adapter, images, list(prompts), batch_size, max_new_tokens, sae, ivs, span, layer,
                                  with_perplexity=True)
-        hits = [expresses(t, keywords) for t in texts]
+        hits = [judge(t) if judge is not None else expresses(t, keywords) for t in texts]
         finite = [p for p in ppl if math.isfinite(p)]
         rows.append({"feature": feature, "value": value, "mode": mode, "span": span,
                      "value_abs": None if value is None else ivs[0].value,
@@ -464,9 +485,13 @@ def steer(cfg: SteerConfig) -> list[dict]:
 
     if cfg.sweep:
         keywords = list(cfg.keywords) or (concept_keywords(cfg.explanations, cfg.feature[0]) if cfg.explanations else [])
+        judge = openai_judge(cfg.judge_model, cfg.judge_base_url, " ".join(keywords)) if cfg.judge_model else None
+        if judge is not None and not keywords:
+            raise MmsaeError("the judge needs the concept: give --keywords or --explanations")
         sweep_rows = sweep(adapter, sae, cfg.feature[0], cfg.sweep, cfg.prompt, images, keywords, cfg.mode, cfg.span,
-                           cfg.max_new_tokens, cfg.batch_size, layer, scales[0] if scales else 1.0)
-        write_json(out / "sweep.json", {"feature": cfg.feature[0], "keywords": keywords, "rows": sweep_rows})
+                           cfg.max_new_tokens, cfg.batch_size, layer, scales[0] if scales else 1.0, judge)
+        write_json(out / "sweep.json", {"feature": cfg.feature[0], "keywords": keywords,
+                                        "judge": cfg.judge_model or "keywords", "rows": sweep_rows})
         plot_sweep(sweep_rows, out / "sweep.png", keywords)
         for r in sweep_rows:
             v = "clean" if r["value"] is None else f"{r['value']:g}"
