@@ -10,7 +10,7 @@ from PIL import Image
 
 from mmsae.errors import MmsaeError
 from mmsae.hooks import capture, edit, run_until
-from tiny_models import FAMILIES, tiny_adapter
+from tiny_models import FAMILIES, family_params, tiny_adapter
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -63,7 +63,7 @@ tiny_inputs_cache: dict[int, dict] = {}
 baseline_hooks: dict[int, int] = {}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_capture_equals_output_hidden_states(family):
     adapter = tiny_adapter(family)
     batch = two_samples(adapter)
@@ -82,7 +82,7 @@ def test_capture_equals_output_hidden_states(family):
     assert no_hooks(adapter.model)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_run_until_equals_full_forward_and_skips_later_layers(family):
     adapter = tiny_adapter(family)
     batch = two_samples(adapter)
@@ -100,7 +100,7 @@ def test_run_until_equals_full_forward_and_skips_later_layers(family):
     assert no_hooks(adapter.model)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_edit_equals_model_with_modified_layer(family):
     adapter = tiny_adapter(family)
     batch = two_samples(adapter)
@@ -117,7 +117,7 @@ def test_edit_equals_model_with_modified_layer(family):
     assert no_hooks(adapter.model)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_hooks_removed_after_exception(family):
     adapter = tiny_adapter(family)
     batch = two_samples(adapter)
@@ -136,7 +136,7 @@ def test_hooks_removed_after_exception(family):
     assert no_hooks(adapter.model)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_edit_and_capture_inside_generate(family):
     adapter = tiny_adapter(family)
     batch = two_samples(adapter)
@@ -169,7 +169,7 @@ def test_edit_and_capture_inside_generate(family):
     assert no_hooks(adapter.model)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
+@pytest.mark.parametrize("family", family_params([f for f in FAMILIES if f != "llama"]))
 def test_capture_vision_tower_block(family):
     adapter = tiny_adapter(family)
     batch = two_samples(adapter)

@@ -14,7 +14,7 @@ from PIL import Image
 from mmsae.errors import MmsaeError
 from mmsae.models import ADAPTERS, image_heatmap, load_adapter
 from mmsae.models.base import Tile, TokenLayout
-from tiny_models import FAMILIES, tiny_adapter, tiny_model
+from tiny_models import FAMILIES, family_params, tiny_adapter, tiny_model
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -45,7 +45,7 @@ def test_missing_model_is_one_line_error(tmp_path):
         load_adapter(str(tmp_path / "nothing-here"))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_load_picks_family_and_checks_layers(family):
     adapter = tiny_adapter(family)
     config = json.loads((Path(tiny_model(family)) / "config.json").read_text())
@@ -69,7 +69,7 @@ def test_load_dtype():
 # --- inputs --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_build_inputs_left_pads_and_marks_answers(family):
     adapter = tiny_adapter(family)
     images = [square_image((40, 30), (5, 5, 15, 15)), square_image((24, 50), (0, 0, 8, 8))] if adapter.has_vision else None
@@ -105,7 +105,7 @@ def test_paligemma_needs_an_image_per_prompt():
 # --- geometry ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", VISION)
+@pytest.mark.parametrize("family", family_params(VISION))
 def test_layout_agrees_with_processor(family):
     adapter = tiny_adapter(family)
     text_only = square_image((30, 30), (0, 0, 30, 30)) if adapter.requires_image else None
@@ -215,6 +215,7 @@ PATCH_BRIGHTNESS = {
     "qwen2_vl": brightness_qwen,
     "qwen2_5_vl": brightness_qwen,
     "idefics3": brightness_idefics3,
+    "smolvlm": brightness_idefics3,
     "paligemma": brightness_llava,
 }
 
@@ -259,7 +260,7 @@ def check_marked_patches(adapter, brightness_of, size: tuple[int, int], box: tup
     assert checked >= 1
 
 
-@pytest.mark.parametrize("family", VISION)
+@pytest.mark.parametrize("family", family_params(VISION))
 @pytest.mark.parametrize("size", [(64, 48), (36, 72), (120, 40)])
 def test_heatmap_sends_marked_patch_to_the_white_block(family, size):
     check_marked_patches(tiny_adapter(family), PATCH_BRIGHTNESS[family], size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -257,21 +258,33 @@ def _build_qwen2_5_vl(out: Path) -> None:
     processor.save_pretrained(out)
 
 
-def _build_idefics3(out: Path) -> None:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
+def _build_idefics3(out: Path, smolvlm: bool = False) -> None:
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessorPil,
+        SmolVLMProcessor,
+    )
 
-    tags = ["<fake_token_around_image>", "<image>", "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)]
+    tags = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"] + [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)]
     tokenizer = make_tokenizer(tags, {"image_token": "<image>"})
     frame, patch, scale = 32, 4, 2
-    config = Idefics3Config(
+    config_class, model_class = (SmolVLMConfig, SmolVLMForConditionalGeneration) if smolvlm else (Idefics3Config, Idefics3ForConditionalGeneration)
+    config = config_class(
         vision_config=dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=frame, patch_size=patch),
         text_config=llama_text_config(len(tokenizer)).to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=scale,
     )
-    model = Idefics3ForConditionalGeneration(config)
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * frame}, max_image_size={"longest_edge": frame})
-    processor = Idefics3Processor(
+    model = model_class(config)
+    image_processor_class = SmolVLMImageProcessorPil if smolvlm else Idefics3ImageProcessorPil
+    image_processor = image_processor_class(size={"longest_edge": 2 * frame}, max_image_size={"longest_edge": frame})
+    processor_class = processor_without_video(SmolVLMProcessor) if smolvlm else Idefics3Processor
+    processor = processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         image_seq_len=(frame // patch // scale) ** 2,
@@ -279,6 +292,10 @@ def _build_idefics3(out: Path) -> None:
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
+
+
+def _build_smolvlm(out: Path) -> None:
+    _build_idefics3(out, smolvlm=True)
 
 
 def _build_llava_onevision(out: Path) -> None:
@@ -355,9 +372,24 @@ BUILDERS = {
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
     "idefics3": _build_idefics3,
+    "smolvlm": _build_smolvlm,
     "paligemma": _build_paligemma,
 }
 FAMILIES = tuple(BUILDERS)
+
+
+def missing_requirement(family: str) -> str | None:
+    """Why the tiny ``family`` model cannot be built here (an optional package), or None."""
+    if family == "smolvlm" and importlib.util.find_spec("num2words") is None:
+        return "SmolVLM's processor needs the num2words package (pip install num2words)"
+    return None
+
+
+def family_params(families=FAMILIES) -> list:
+    """pytest parameters for ``families``, skipped with the reason when a package is missing."""
+    import pytest
+
+    return [pytest.param(f, marks=pytest.mark.skipif(missing_requirement(f) is not None, reason=str(missing_requirement(f)))) for f in families]
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,7 +30,7 @@ class CausalLMAdapter(ChatAdapter):
             )
         return prompt
 
-    def _process(self, texts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    def _process(self, texts: list[str], images: list[Image.Image | None]) -> dict[str, torch.Tensor]:
         return dict(self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=not self._uses_template()))
 
     def token_layouts(self, inputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int] | None]) -> list[TokenLayout]:

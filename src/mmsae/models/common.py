@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import types
+
 import torch
 from PIL import Image
 
@@ -60,10 +63,12 @@ class ChatAdapter(ModelAdapter):
     def _uses_template(self) -> bool:
         return bool(getattr(self.processor, "chat_template", None))
 
-    def _process(self, texts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    def _process(self, texts: list[str], images: list[Image.Image | None]) -> dict[str, torch.Tensor]:
+        """Run the processor; ``images[i]`` belongs to ``texts[i]`` (None: no image)."""
         kwargs = dict(text=texts, padding=True, return_tensors="pt", add_special_tokens=not self._uses_template())
-        if images:
-            kwargs["images"] = images
+        present = [rgb(im) for im in images if im is not None]
+        if present:
+            kwargs["images"] = present
         return dict(self.processor(**kwargs))
 
     def _count_tokens(self, text: str) -> int:
@@ -85,7 +90,7 @@ class ChatAdapter(ModelAdapter):
         self.tokenizer.padding_side = "left"
         prefixes = [self.format_prompt(p, im is not None, add_generation_prompt) for p, im in zip(prompts, images)]
         texts = [p + a for p, a in zip(prefixes, answers)] if answers is not None else prefixes
-        batch = self._process(texts, [rgb(im) for im in images if im is not None])
+        batch = self._process(texts, images)
         batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         for k, v in batch.items():
             if isinstance(v, torch.Tensor) and v.is_floating_point():
@@ -127,5 +132,14 @@ def processor_without_video(processor_class: type) -> type:
         def get_attributes(cls):
             return [name for name in super().get_attributes() if name != "video_processor"]
 
+    init = processor_class.__init__
+    if inspect.signature(init).parameters["video_processor"].default is inspect.Parameter.empty:
+        # SmolVLM requires the argument: the same __init__ (transformers reads its code's
+        # argument names) with None defaults for the sub-processors
+        positional = [p for p in inspect.signature(init).parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
+        defaults = tuple(None if p.default is inspect.Parameter.empty else p.default for p in positional)
+        relaxed = types.FunctionType(init.__code__, init.__globals__, init.__name__, defaults, init.__closure__)
+        relaxed.__kwdefaults__ = init.__kwdefaults__
+        WithoutVideo.__init__ = relaxed
     WithoutVideo.__name__ = WithoutVideo.__qualname__ = processor_class.__name__
     return WithoutVideo

@@ -12,11 +12,12 @@ base image), tiles 1.. the sub-images row by row.
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration, SmolVLMProcessor
 
 from ..errors import MmsaeError
 from .base import Tile, TokenLayout
-from .common import ChatAdapter
+from .common import ChatAdapter, rgb
 
 
 class Idefics3Adapter(ChatAdapter):
@@ -76,3 +77,20 @@ class SmolVLMAdapter(Idefics3Adapter):
     family = "smolvlm"
     model_class = SmolVLMForConditionalGeneration
     processor_class = SmolVLMProcessor
+
+    def format_prompt(self, prompt: str, has_image: bool, add_generation_prompt: bool = True) -> str:
+        # SmolVLMProcessor.apply_chat_template reads video settings even for images; the
+        # tokenizer renders the same template without them
+        if self._uses_template():
+            return self.tokenizer.apply_chat_template(
+                self._messages(prompt, has_image), chat_template=self.processor.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        return super().format_prompt(prompt, has_image, add_generation_prompt)
+
+    def _process(self, texts: list[str], images: list[Image.Image | None]) -> dict[str, torch.Tensor]:
+        # SmolVLMProcessor wants one list of images per text
+        nested = [[rgb(im)] if im is not None else [] for im in images]
+        kwargs = dict(text=texts, padding=True, return_tensors="pt", add_special_tokens=not self._uses_template())
+        if any(nested):
+            kwargs["images"] = nested
+        return dict(self.processor(**kwargs))
