@@ -29,15 +29,28 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+WORDS = "the red circle sits above a small blue square while green triangles drift across grey".split()
+
+
+def make_tokenizer():
+    """A word-level tokenizer over WORDS (one token per word), with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    tokenizer.chat_template = "<s>{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tokenizer
 
 
 def build_model(out: Path, d: int, layers: int) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tiny_models import make_tokenizer
-
-    tokenizer = make_tokenizer([])
+    tokenizer = make_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d, intermediate_size=int(d * 8 / 3) // 64 * 64,
                          num_hidden_layers=layers, num_attention_heads=max(1, d // 64), num_key_value_heads=max(1, d // 64),
                          max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -47,10 +60,9 @@ def build_model(out: Path, d: int, layers: int) -> str:
     return str(out)
 
 
-def texts(n: int, chars: int) -> list[str]:
-    words = "the red circle sits above a small blue square while green triangles drift across grey".split()
+def texts(n: int, words: int) -> list[str]:
     # lengths vary a little, as real prompts do, so batches carry some padding
-    return [" ".join(words[(i + j) % len(words)] for j in range(chars // 5 - i % 7)) for i in range(n)]
+    return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(words - i % 7)) for i in range(n)]
 
 
 def main() -> None:
@@ -59,7 +71,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--layer", type=int, default=3, help="harvested layer (0-based)")
     p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--chars", type=int, default=160, help="characters per text (byte tokenizer: ~tokens)")
+    p.add_argument("--tokens", type=int, default=160, help="tokens per text (a few fewer for some)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", help="store dtype")
     p.add_argument("--device", default="cpu")
@@ -73,7 +85,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-harvest-"))
     try:
         model_path = build_model(work / "model", args.d, args.layers)
-        data = texts(args.samples, args.chars)
+        data = texts(args.samples, args.tokens)
         (work / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in data))
         adapter = load_adapter(model_path, device=args.device)
         batches = [adapter.build_inputs(None, data[i:i + args.batch_size]) for i in range(0, len(data), args.batch_size)]

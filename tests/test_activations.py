@@ -115,6 +115,29 @@ def test_llava_harvest_matches_hidden_states_and_layout(tmp_path, image_dir):
     torch.testing.assert_close(ti["acts"], t["acts"][t["is_image"]], rtol=0, atol=0)
 
 
+def test_anyres_tiles_are_stored_as_the_adapter_lays_them_out(tmp_path):
+    """LLaVA-NeXT: base image plus AnyRes crops; every image token keeps its tile, row and column."""
+    sizes = [(64, 20), (20, 60), (40, 40)]
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size, (60 * i, 200, 100)).save(tmp_path / f"{i}.png")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"image": f"{i}.png", "text": f"picture {i}"}) + "\n" for i in range(3)))
+    store = run(tmp_path, "llava_next", data, tokens="image", batch_size=1)
+    t = shard_tensors(store)
+    adapter = tiny_adapter("llava_next")
+    for i, size in enumerate(sizes):
+        layout = adapter.build_inputs([Image.open(tmp_path / f"{i}.png").convert("RGB")], [f"picture {i}"]).layouts[0]
+        mine = t["sample"] == i
+        order = torch.argsort(layout.positions)
+        assert torch.equal(t["pos"][mine].long(), layout.positions[order])
+        for key in ("tile", "row", "col"):
+            assert torch.equal(t[key][mine].long(), getattr(layout, key)[order]), key
+        assert len(layout.tiles) > 1 and int(t["tile"][mine].max()) == len(layout.tiles) - 1
+        for k, tile in enumerate(layout.tiles):  # each tile's grid cells appear exactly once
+            cells = {(int(r), int(c)) for r, c in zip(t["row"][mine][t["tile"][mine] == k], t["col"][mine][t["tile"][mine] == k])}
+            assert len(cells) == int((t["tile"][mine] == k).sum()) and all(r < tile.rows and c < tile.cols for r, c in cells)
+
+
 def test_causal_lm_harvest_budget_and_storage_dtype(tmp_path, text_jsonl):
     store = run(tmp_path, "llama", text_jsonl, layer=1, batch_size=2, shard_size=10**6)
     adapter = tiny_adapter("llama")
