@@ -28,10 +28,10 @@ def random_sae(arch: str = "topk", d: int = 16, n: int = 64, k: int = 4, seed: i
 # --- kernels -----------------------------------------------------------------------------------
 
 
-def test_topk_preactivations_match_dense_topk_across_chunks(monkeypatch):
+def test_topk_preactivations_match_dense_topk_across_blocks(monkeypatch):
     import mmsae.sae.kernels as kernels
 
-    monkeypatch.setattr(kernels, "_ENCODE_CHUNK_ELEMENTS", 3 * 50)  # 3 rows per chunk: several chunks
+    monkeypatch.setattr(kernels, "_ENCODE_CHUNK_ELEMENTS", 10 * 7)  # blocks of 7 latents (the last one 1)
     x, w, b = torch.randn(10, 8), torch.randn(50, 8), torch.randn(50)
     values, indices = topk_preactivations(x, w, b, 5)
     ref = (x @ w.T + b).topk(5, dim=-1)

@@ -106,21 +106,21 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     script.write_text(
         "import sys\n"
         "from mmsae.sae.train import TrainConfig, train\n"
-        "train(TrainConfig(out=sys.argv[1], activations='synthetic:d=16,m=32,k=2,tokens=4096', expansion=2, k=2,\n"
-        "                  batch_size=128, steps=6, warmup=2, lr=3e-3, dead_tokens=256, progress=False, log_every=3,\n"
-        "                  init_tokens=512, architecture=sys.argv[2]))\n")
+        "for arch in ('topk', 'batchtopk'):\n"
+        "    train(TrainConfig(out=sys.argv[1] + '-' + arch, activations='synthetic:d=16,m=32,k=2,tokens=4096', expansion=2,\n"
+        "                      k=2, batch_size=128, steps=6, warmup=2, lr=3e-3, dead_tokens=256, progress=False,\n"
+        "                      log_every=3, init_tokens=512, architecture=arch))\n")
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    for arch in ("topk", "batchtopk"):
-        one = subprocess.run([sys.executable, str(script), str(tmp_path / f"one-{arch}"), arch], env=env, capture_output=True, text=True)
-        assert one.returncode == 0, one.stderr[-2000:]
-        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                              str(script), str(tmp_path / f"two-{arch}"), arch], env=env, capture_output=True, text=True)
-        assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for arch in ("topk", "batchtopk"):  # dead_tokens=256: AuxK is active from step 3 on
         a, b = weights(tmp_path / f"one-{arch}"), weights(tmp_path / f"two-{arch}")
         for name in a:
             assert torch.allclose(a[name], b[name], atol=1e-5), (arch, name, (a[name] - b[name]).abs().max())
-        state = json.loads((tmp_path / f"two-{arch}" / "train_state.json").read_text())
-        assert state["world_size"] == 2
+        assert json.loads((tmp_path / f"two-{arch}" / "train_state.json").read_text())["world_size"] == 2
 
 
 def write_store(path: Path, acts: torch.Tensor, shard_size: int = 1000) -> None:

@@ -10,7 +10,7 @@ piece of state (weights, Adam moments, dead-latent counters, the BatchTopK thres
 input scale), so a resumed run ends with the same weights as an uninterrupted one.
 
 Several processes: run under ``torchrun --nproc-per-node N -m mmsae.cli train ...``; each rank
-reads its slice of every global batch, gradients are averaged by DistributedDataParallel, and
+reads its slice of every global batch, gradients are all-reduced (averaged) after backward, and
 every normaliser (the batch variance, dead-latent firing, BatchTopK's cut-off) is reduced over
 ranks, so N processes compute what one process computes on the same global batch.
 """
@@ -146,7 +146,7 @@ class _Step(torch.autograd.Function):
 
 # --- the training module -------------------------------------------------------------------------
 class SaeTrainingStep(nn.Module):
-    """Wraps an SAE so DistributedDataParallel sees one forward: (x, dead mask) -> loss parts."""
+    """One training forward: (x, dead mask, global batch variance, world) -> (loss, parts)."""
 
     def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig):
         super().__init__()
@@ -221,6 +221,14 @@ def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) 
             break
         median = new
     return median.float()
+
+
+def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.Adam:
+    """Adam; the fused implementation (one pass over each tensor) where this torch has it."""
+    try:
+        return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def _lr_at(step: int, total: int, peak: float, warmup: int, decay: float) -> float:
@@ -355,7 +363,7 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
     sae = SparseAutoencoder(sae_cfg, device=device)
     sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
     peak_lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
-    opt = torch.optim.Adam(sae.parameters(), lr=peak_lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = make_optimizer(sae, peak_lr)
 
     train_cfg_dict = {k: v for k, v in asdict(cfg).items()}
     state = {"tokens": 0, "input_scale": 1.0, "threshold_initialised": False, "train_cfg": train_cfg_dict,
@@ -388,11 +396,7 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
                 sae.b_dec.copy_(sample.mean(0))
         state["input_scale"] = scale
 
-    step_module = SaeTrainingStep(sae, cfg)
-    model = step_module
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    forward_sync_buffers=False)
+    model = SaeTrainingStep(sae, cfg)
     scale = state["input_scale"]
     batches = source.batches(local_batch, seed=cfg.seed, rank=rank, world=world, skip=start_step)
     log_path = out / "train_log.jsonl"
@@ -445,10 +449,16 @@ def _train_step(model, sae: SparseAutoencoder, opt: torch.optim.Adam, x: torch.T
     dead_mask = state["tokens_since_fired"] >= cfg.dead_tokens
     loss, parts = model(x, dead_mask if bool(dead_mask.any()) else None, total_variance, world)
     loss.backward()
+    if world > 1:
+        # data parallel: average gradients over ranks (the sparse kernels write .grad directly,
+        # so this explicit all-reduce replaces DistributedDataParallel's hooks)
+        for p in sae.parameters():
+            if p.grad is not None:
+                _all_reduce(p.grad).div_(world)
     if sae.cfg.normalize_decoder:
         sae.remove_gradient_parallel_to_decoder_directions()
     opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=False)  # keep the gradient buffers: no fresh [n, d] tensors per step
     with torch.no_grad():
         if sae.cfg.normalize_decoder:
             sae.set_decoder_norm_to_unit_norm()

@@ -1,0 +1,175 @@
+"""SAE training throughput: mmsae vs a plain matmul ceiling vs EleutherAI sparsify, same run.
+
+    bash bench/setup_sparsify.sh            # once: bench/.venv-sparsify with eai-sparsify
+    python bench/bench_sae.py               # GPT-2-small shape and a LLaVA-like shape
+    python bench/bench_sae.py --shapes 768x24576x32 --batch 2048 --rounds 5
+
+For each shape (d x n x k) it times, interleaved round by round so that a shared machine's load
+hits all three alike:
+  * ceiling: a plain [batch, d] x [d, n] matmul (2*d*n FLOPs per token, into a reused buffer);
+  * mmsae:   one full training step (encode, decode, FVU loss, backward, decoder-gradient
+             projection, Adam, decoder renormalisation) through ``mmsae.sae.train``;
+  * sparsify: ``SparseCoder`` forward (FVU loss), backward, the same projection, Adam and
+             renormalisation, in its own environment (a worker process fed over a pipe).
+It prints tokens/s (median over rounds) and the ratios mmsae/sparsify and mmsae/ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from mmsae.sae.model import SaeConfig, SparseAutoencoder  # noqa: E402
+from mmsae.sae.train import SaeTrainingStep, TrainConfig, _train_step, make_optimizer  # noqa: E402
+
+SPARSIFY_WORKER = r"""
+import json, sys, time, torch
+from sparsify import SparseCoder, SparseCoderConfig
+torch.set_num_threads(int(sys.argv[1]))
+state = {}
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "init":
+        torch.manual_seed(0)
+        d, n, k, batch = cmd["d"], cmd["n"], cmd["k"], cmd["batch"]
+        sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k))
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+        x = torch.randn(batch, d, generator=torch.Generator().manual_seed(1))
+        state = {"sae": sae, "opt": opt, "x": x}
+        print(json.dumps({"ok": True}), flush=True)
+    elif cmd["op"] == "run":
+        sae, opt, x = state["sae"], state["opt"], state["x"]
+        start = time.perf_counter()
+        for _ in range(cmd["steps"]):
+            out = sae(x)
+            loss = out.fvu + out.auxk_loss
+            loss.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad()
+            sae.set_decoder_norm_to_unit_norm()
+        float(loss)
+        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+    elif cmd["op"] == "free":
+        state = {}
+        print(json.dumps({"ok": True}), flush=True)
+"""
+
+
+class SparsifyWorker:
+    def __init__(self, python: str, threads: int):
+        self.proc = subprocess.Popen([python, "-c", SPARSIFY_WORKER, str(threads)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def call(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("sparsify worker died")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def make_mmsae_step(d: int, n: int, k: int, batch: int, autocast: bool):
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=d, num_latents=n, k=k))
+    cfg = TrainConfig(out="unused", k=k, batch_size=batch, dead_tokens=10**12, autocast=autocast)
+    model = SaeTrainingStep(sae, cfg)
+    opt = make_optimizer(sae, 1e-4)
+    x = torch.randn(batch, d, generator=torch.Generator().manual_seed(1))
+    state = {"tokens_since_fired": torch.zeros(n, dtype=torch.long), "tokens": 0, "threshold_initialised": False}
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss, _ = _train_step(model, sae, opt, x, state, cfg, 1)
+        float(loss)
+        return time.perf_counter() - start
+
+    return run
+
+
+def make_matmul(d: int, n: int, batch: int):
+    x = torch.randn(batch, d)
+    w = torch.randn(n, d) / d**0.5
+    out = torch.empty(batch, n)
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            torch.mm(x, w.t(), out=out)
+        return time.perf_counter() - start
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="768x24576x32,4096x32768x64", help="comma-separated d x n x k")
+    parser.add_argument("--batch", type=int, default=1024, help="tokens per step")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round and method")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="also time mmsae with the bf16 encoder matmul (--autocast)")
+    parser.add_argument("--sparsify-python", default=str(HERE / ".venv-sparsify" / "bin" / "python"))
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    threads = torch.get_num_threads()
+    worker = SparsifyWorker(args.sparsify_python, threads) if Path(args.sparsify_python).exists() else None
+    if worker is None:
+        print(f"(no sparsify environment at {args.sparsify_python}; run bench/setup_sparsify.sh to compare)")
+    results = []
+    for shape in args.shapes.split(","):
+        d, n, k = (int(v) for v in shape.split("x"))
+        methods = {"ceiling (matmul)": make_matmul(d, n, args.batch), "mmsae": make_mmsae_step(d, n, k, args.batch, False)}
+        if args.bf16:
+            methods["mmsae bf16"] = make_mmsae_step(d, n, k, args.batch, True)
+        if worker is not None:
+            worker.call(op="init", d=d, n=n, k=k, batch=args.batch)
+            methods["sparsify"] = lambda steps: worker.call(op="run", steps=steps)["seconds"]
+        for run in methods.values():  # warm-up
+            run(1)
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        for _ in range(args.rounds):
+            for name, run in methods.items():
+                times[name].append(args.batch * args.steps / run(args.steps))
+        if worker is not None:
+            worker.call(op="free")
+        rate = {name: statistics.median(v) for name, v in times.items()}
+        row = {"d": d, "n": n, "k": k, "batch": args.batch, "threads": threads, "tokens_per_s": rate,
+               "rounds": times, "mmsae_vs_ceiling": rate["mmsae"] / rate["ceiling (matmul)"]}
+        if "sparsify" in rate:
+            row["mmsae_vs_sparsify"] = rate["mmsae"] / rate["sparsify"]
+        results.append(row)
+        print(f"\nd={d} n={n} k={k} batch={args.batch} threads={threads}")
+        for name, value in rate.items():
+            spread = f"{min(times[name]):.0f}-{max(times[name]):.0f}"
+            print(f"  {name:<18} {value:10.0f} tokens/s   (rounds: {spread})")
+        print(f"  mmsae / ceiling    {row['mmsae_vs_ceiling']:.2f}   (target >= 0.60)")
+        if "mmsae_vs_sparsify" in row:
+            print(f"  mmsae / sparsify   {row['mmsae_vs_sparsify']:.2f}x  (target >= 1.5x)")
+        del methods
+    if worker is not None:
+        worker.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
