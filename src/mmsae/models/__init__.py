@@ -1,4 +1,18 @@
-"""Model adapters, one per family. ``load_adapter`` picks the family from the model's config."""
+"""Model adapters, one per family. ``load_adapter`` picks the family from the model's config.
+
+Conventions every adapter follows (see ``base.TokenLayout``):
+
+- ``layer_module(L)`` is decoder layer L of the language model; its output is the residual
+  stream after that layer, equal to ``output_hidden_states[L + 1]`` (the last entry of
+  ``output_hidden_states`` is after the final norm instead). ``vision_layer_module(L)`` is
+  block L of the vision tower.
+- ``build_inputs`` applies the chat template (one image per sequence, placed before the
+  prompt), pads on the left and moves everything to the model's device and dtype.
+- A layout lists only tokens that carry a patch. Tile 0 is the view of the whole image (LLaVA's
+  only grid, LLaVA-NeXT's base image, Idefics3's global image, Qwen2-VL's only grid); further
+  tiles are AnyRes crops or sub-images, row by row. Newline, separator and row/column tag tokens
+  are neither image positions nor ``text_positions``.
+"""
 
 from __future__ import annotations
 
