@@ -40,6 +40,20 @@ def test_unknown_family_names_model_type_and_supported(tmp_path):
     assert "'bert'" in message and "llava" in message and "\n" not in message
 
 
+def test_model_type_unknown_to_transformers_is_a_family_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "not-a-real-model"}))
+    with pytest.raises(MmsaeError, match="'not-a-real-model' is not supported; supported model_type values: .*paligemma"):
+        load_adapter(str(tmp_path))
+
+
+def test_model_without_weights_is_one_line_error(tmp_path):
+    config = json.loads((Path(tiny_model("llama")) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MmsaeError, match="cannot load the llama model") as err:
+        load_adapter(str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
 def test_missing_model_is_one_line_error(tmp_path):
     with pytest.raises(MmsaeError, match="cannot read a model config"):
         load_adapter(str(tmp_path / "nothing-here"))

@@ -16,6 +16,9 @@ Conventions every adapter follows (see ``base.TokenLayout``):
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
@@ -67,34 +70,54 @@ def _load_processor(cls: type[ModelAdapter], model_id_or_path: str, trust_remote
     try:
         return processor_without_video(cls.processor_class).from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
     except ImportError as err:
-        raise MmsaeError(f"the processor of {model_id_or_path} needs a missing package: {str(err).strip().splitlines()[0]}") from err
+        raise MmsaeError(f"the processor of {model_id_or_path} needs a missing package: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _local_model_type(model_id_or_path: str) -> str | None:
+    config_file = Path(model_id_or_path) / "config.json"
+    try:
+        return json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_adapter(model_id_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu", trust_remote_code: bool = False) -> ModelAdapter:
     """Load a model and its processor by hub id or local path and wrap them in their family's adapter.
 
     The family comes from the config's ``model_type``. The model is put in eval mode with
-    gradients off for its parameters.
+    gradients off for its parameters; the tokenizer pads on the left.
     """
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise MmsaeError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    model_id_or_path = str(model_id_or_path)
     try:
         config = AutoConfig.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise MmsaeError(f"cannot read a model config from {model_id_or_path!r}: {str(err).splitlines()[0]}") from err
+        model_type = _local_model_type(model_id_or_path)
+        if model_type is not None:  # a model type transformers does not know either
+            _adapter_class(model_type)
+        raise MmsaeError(f"cannot read a model config from {model_id_or_path!r}: {_first_line(err)}") from err
     cls = _adapter_class(config.model_type)
-    model = cls.model_class.from_pretrained(model_id_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    try:
+        model = cls.model_class.from_pretrained(model_id_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        if cls.has_vision:
+            processor = _load_processor(cls, model_id_or_path, trust_remote_code)
+        else:
+            processor = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise MmsaeError(f"cannot load the {config.model_type} model or its processor from {model_id_or_path!r}: {_first_line(err)}") from err
     model.to(device).eval().requires_grad_(False)
-    if cls.has_vision:
-        processor = _load_processor(cls, model_id_or_path, trust_remote_code)
-    else:
-        processor = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return cls(model, processor, str(model_id_or_path))
+    return cls(model, processor, model_id_or_path)
 
 
 __all__ = ["ADAPTERS", "ModelAdapter", "ModelInputs", "Tile", "TokenLayout", "image_heatmap", "load_adapter"]
