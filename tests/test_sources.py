@@ -166,3 +166,20 @@ def test_shapes_source():
     assert again[0].id == 3
     assert np.array_equal(np.asarray(again[0].image), np.asarray(samples[1].image))
     assert all(s.image is not None and s.text for s in samples)
+
+
+def test_llava_style_rows_list_of_images_and_conversations(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({
+        "images": [[_image((1, 2, 3))], [], [_image((9, 9, 9)), _image((0, 0, 0))]],
+        "conversations": [[{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}],
+                          [{"from": "human", "value": "no picture"}],
+                          [{"from": "human", "value": "Two?"}]],
+    })
+    ds.save_to_disk(str(tmp_path / "llava"))
+    source = open_source(str(tmp_path / "llava"))
+    samples = list(source)
+    assert [(s.id, s.text) for s in samples] == [(0, "What is it?"), (2, "Two?")]
+    assert samples[1].image.getpixel((0, 0)) == (9, 9, 9)  # the first image of a list
+    assert source.skipped == [(1, "missing image")]
