@@ -199,3 +199,17 @@ def test_extract_answer():
     assert B.extract_answer("There are 3 objects", "How many objects are there?", "count") == "three"
     assert B.extract_answer("It is nice", "What colour is the star?", "colour") == "it"
     assert B.normalise_answer("Three.") == "three"
+
+
+def test_build_resumes_from_cached_stages(tiny_parts, capsys):
+    """build() over cached (tiny) stages: trains or reuses the projector, saves a stock LLaVA folder
+    with quality.json, and a rerun returns at once."""
+    root, stages, recipe = tiny_parts
+    model_dir = B.build(root, recipe=recipe, retrain=True, quality_images=1, progress=False)
+    assert model_dir == B.demo_model_path(root)
+    quality = json.loads((model_dir / "quality.json").read_text())
+    assert quality["projector"] == "trained" and quality["by_type"] and "total" in quality["timings_s"]
+    stamp = (model_dir / "quality.json").stat().st_mtime_ns
+    assert B.build(root, recipe=recipe, retrain=True, progress=False) == model_dir
+    assert (model_dir / "quality.json").stat().st_mtime_ns == stamp
+    assert not list(root.glob(".*"))  # no temporary folders left behind

@@ -651,3 +651,37 @@ def build(cache_dir: Path | str | None = None, force: bool = False, seed: int = 
         tqdm.write(f"[mmsae demo build] held-out accuracy: {summary}")
         tqdm.write(f"[mmsae demo build] model ready at {model_dir} ({timings['total']:.0f} s)")
     return model_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mmsae.demo.build``: build the demo model; ``--retrain --ship`` retrains the
+    projector and writes it into the package's assets (what the shipped weights come from)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m mmsae.demo.build", description=main.__doc__)
+    parser.add_argument("--cache", default=None, help="cache folder (default: $MMSAE_CACHE or ~/.cache/mmsae)")
+    parser.add_argument("--force", action="store_true", help="discard every cached stage first")
+    parser.add_argument("--retrain", action="store_true", help="train the projector instead of using the shipped one")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=ProjectorRecipe.steps, help="language-model-loss steps")
+    parser.add_argument("--train-images", type=int, default=ProjectorRecipe.train_images)
+    parser.add_argument("--ship", action="store_true", help="copy the trained projector into mmsae/demo/assets")
+    args = parser.parse_args(argv)
+    recipe = ProjectorRecipe(steps=args.steps, train_images=args.train_images)
+    try:
+        model_dir = build(args.cache, force=args.force, seed=args.seed, retrain=args.retrain or args.ship, recipe=recipe)
+        if args.ship:
+            from safetensors.torch import load_file
+
+            weights = load_file(model_dir / "model.safetensors")
+            projector = {k.split("multi_modal_projector.")[1]: v for k, v in weights.items() if "multi_modal_projector." in k}
+            save_tensors(SHIPPED_PROJECTOR, projector, metadata={"recipe": json.dumps(asdict(recipe)), "seed": str(args.seed)})
+            print(f"wrote {SHIPPED_PROJECTOR}")
+    except MmsaeError as e:
+        print(f"mmsae demo build: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
