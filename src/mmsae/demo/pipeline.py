@@ -24,14 +24,15 @@ class DemoSizes:
     expansion: int
     k: int
     index_images: int
+    evaluate_images: int
     explain_features: int
     steer_images: int
 
 
 FULL = DemoSizes(harvest_images=1200, train_tokens=2_000_000, expansion=8, k=16,
-                 index_images=600, explain_features=128, steer_images=40)
+                 index_images=600, evaluate_images=64, explain_features=128, steer_images=40)
 QUICK = DemoSizes(harvest_images=200, train_tokens=300_000, expansion=4, k=16,
-                  index_images=120, explain_features=24, steer_images=10)
+                  index_images=120, evaluate_images=16, explain_features=24, steer_images=10)
 
 
 def run_pipeline(cfg: DemoConfig, model_path: str) -> None:
@@ -70,6 +71,38 @@ def run_pipeline(cfg: DemoConfig, model_path: str) -> None:
     from ..sae.metrics import EvaluateConfig, evaluate
 
     stage("evaluate", run / "metrics.json", lambda: evaluate(EvaluateConfig(
-        sae=str(sae_dir), model=model_path, data=held_out, out=str(run / "metrics.json"))))
+        sae=str(sae_dir), model=model_path, data=held_out, out=str(run / "metrics.json"),
+        max_samples=sizes.evaluate_images)))
 
-    print(f"[demo] finished: {run}")
+    from ..index import IndexConfig, build_index
+
+    stage("index", run / "index" / "manifest.json", lambda: build_index(IndexConfig(
+        sae=str(sae_dir), model=model_path, layer=cfg.layer, data=held_out, out=str(run / "index"),
+        seed=seed)))
+
+    from ..explain import ExplainConfig, explain
+
+    stage("explain", run / "explanations.jsonl", lambda: explain(ExplainConfig(
+        index=str(run / "index"), out=str(run / "explanations.jsonl"), backend="demo",
+        model=model_path, max_features=sizes.explain_features)))
+
+    from ..score import ScoreConfig, score
+
+    stage("score", run / "scores.md", lambda: score(ScoreConfig(
+        run=str(run), segmenter="oracle", scorers=["iou", "text_similarity", "detection"],
+        judge="oracle", binarization="paper", seed=seed)))
+
+    from ..attribute import demo_steering
+
+    stage("steer", run / "steering" / "demo_steering.json", lambda: demo_steering(
+        model_path, str(sae_dir), run, n_images=sizes.steer_images))
+
+    # The dashboard is rebuilt every time, from whatever the run folder now holds.
+    from ..report import DashboardConfig, build_dashboard
+
+    print("[demo] dashboard ...", flush=True)
+    site = build_dashboard(DashboardConfig(run=str(run)))
+    log["total_seconds"] = round(sum(s["seconds"] for s in log["stages"].values()), 1)
+    write_json(log_path, log)
+    print(f"[demo] finished in {log['total_seconds']:.0f} s of stage time: {run}")
+    print(f"[demo] open {site}")
