@@ -152,6 +152,19 @@ def test_trains_from_a_store_and_records_the_hook_point(tmp_path, synthetic):
     assert json.loads((tmp_path / "sae" / "train_state.json").read_text())["steps"] == 10
 
 
+def test_live_training_from_a_model_and_data(tmp_path):
+    from tiny_models import tiny_model
+
+    cfg = small_cfg(tmp_path / "live", model=tiny_model("llava"), layer=1, data="shapes:6", expansion=2, k=4, batch_size=32,
+                    steps=4, shuffle_buffer=64, model_batch_size=2, init_tokens=64)
+    train(cfg)
+    sae = load_sae(tmp_path / "live")
+    assert (sae.cfg.layer, sae.cfg.hook_point, sae.cfg.d_in) == (1, "language_model.layers.1", 32)
+    assert all(torch.isfinite(t).all() for t in weights(tmp_path / "live").values())
+    with pytest.raises(MmsaeError, match="needs --steps or --max-tokens"):
+        train(small_cfg(tmp_path / "live2", model=tiny_model("llava"), layer=1, data="shapes:6", steps=None))
+
+
 def test_bad_input_is_a_one_line_error_and_keeps_checkpoints(tmp_path, synthetic):
     acts, _ = synthetic
     with pytest.raises(MmsaeError, match="larger than the number of latents"):

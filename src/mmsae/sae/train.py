@@ -382,8 +382,9 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
             kept = [r for r in read_jsonl(out / "train_log.jsonl") if r.get("step", 0) <= start_step]
             write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     else:
-        if rank == 0 and (out / "train_log.jsonl").exists():
-            (out / "train_log.jsonl").unlink()  # a fresh run starts a fresh log
+        if rank == 0:  # a fresh run starts a fresh log and drops another run's checkpoints
+            (out / "train_log.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
         sample = source.sample(cfg.init_tokens, seed=cfg.seed).to(device)
         _check_finite(sample, source, "the initialisation sample")
         mean_sq = sample.pow(2).sum(-1).mean()
