@@ -26,8 +26,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-# elements of the [rows, block] pre-activation buffer (16 MB in float32)
-_ENCODE_CHUNK_ELEMENTS = 1 << 22
+# elements of the [rows, block] pre-activation buffer (64 MB in float32)
+_ENCODE_CHUNK_ELEMENTS = 1 << 24
 # rows per chunk for the [rows, k, d] temporaries of the backward passes (4 MB: cache-sized)
 _BACKWARD_CHUNK_ELEMENTS = 1 << 20
 
@@ -58,7 +58,7 @@ def _rows_per_chunk(elements_per_row: int, budget: int, total: int) -> int:
 def topk_preactivations(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` of ``x @ weight.T + bias`` per row, without keeping the [rows, n] product.
 
-    The latents are taken in column blocks: each block's [rows, block] product (about 16 MB)
+    The latents are taken in column blocks: each block's [rows, block] product (at most 64 MB)
     is reduced to its top k at once, and the blocks' candidates are merged at the end. Every
     row of the weight is read once per call (row chunks would re-read the whole weight per
     chunk). Returns (values [rows, k], indices [rows, k]) in no particular order within a row.
