@@ -98,7 +98,7 @@ def test_build_inputs_left_pads_and_marks_answers(family):
     tokenizer = adapter.tokenizer
     for i, answer in enumerate(answers):
         assert tokenizer.decode(ids[i][batch.answer_mask[i]]) == answer
-    # no answers: no mask, and the prompt ends with the generation prompt
+    # no answers: no mask, and the answer tokens are gone
     plain = adapter.build_inputs(images, ["Describe it.", "Is there a tree in this image?"])
     assert plain.answer_mask is None
     assert plain.input_ids.shape[1] < ids.shape[1]
