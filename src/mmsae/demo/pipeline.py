@@ -21,6 +21,7 @@ class DemoSizes:
 
     harvest_images: int
     train_tokens: int
+    batch_size: int
     expansion: int
     k: int
     index_images: int
@@ -29,9 +30,9 @@ class DemoSizes:
     steer_images: int
 
 
-FULL = DemoSizes(harvest_images=1200, train_tokens=2_000_000, expansion=8, k=16,
+FULL = DemoSizes(harvest_images=1200, train_tokens=2_000_000, batch_size=1024, expansion=8, k=16,
                  index_images=600, evaluate_images=64, explain_features=128, steer_images=40)
-QUICK = DemoSizes(harvest_images=200, train_tokens=300_000, expansion=4, k=16,
+QUICK = DemoSizes(harvest_images=200, train_tokens=300_000, batch_size=512, expansion=4, k=16,
                   index_images=120, evaluate_images=16, explain_features=24, steer_images=10)
 
 
@@ -66,7 +67,7 @@ def run_pipeline(cfg: DemoConfig, model_path: str) -> None:
 
     stage("train", sae_dir / "sae.safetensors", lambda: train(TrainConfig(
         activations=str(run / "activations"), out=str(sae_dir), expansion=sizes.expansion,
-        k=sizes.k, max_tokens=sizes.train_tokens, seed=seed)))
+        k=sizes.k, max_tokens=sizes.train_tokens, batch_size=sizes.batch_size, seed=seed)))
 
     from ..sae.metrics import EvaluateConfig, evaluate
 
