@@ -58,7 +58,7 @@ for line in sys.stdin:
             opt.step()
             opt.zero_grad()
             sae.set_decoder_norm_to_unit_norm()
-        float(loss)
+        float(loss.detach())
         print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
     elif cmd["op"] == "free":
         state = {}

@@ -43,7 +43,7 @@ def test_training_recovers_planted_directions(tmp_path, synthetic):
     # before training, random decoder rows recover nothing
     assert recovery_score(directions, torch.randn(128, 32))["fraction_recovered"] < 0.05
     train(small_cfg(tmp_path / "sae", steps=150, warmup=10, dead_tokens=10_000, log_every=50, checkpoint_every=1000), source=acts)
-    sae = load_sae(tmp_path / "sae")
+    sae = load_sae(tmp_path / "sae").requires_grad_(False)
     score = recovery_score(directions, sae.W_dec)
     assert score["fraction_recovered"] >= 0.9, score
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-4)
@@ -63,7 +63,7 @@ def test_training_recovers_planted_directions(tmp_path, synthetic):
 def test_other_architectures_train(tmp_path, synthetic, arch):
     acts, directions = synthetic
     train(small_cfg(tmp_path / arch, architecture=arch, steps=60, log_every=60, checkpoint_every=1000), source=acts)
-    sae = load_sae(tmp_path / arch)
+    sae = load_sae(tmp_path / arch).requires_grad_(False)
     assert sae.cfg.architecture == arch
     x = acts[:2000]
     fvu = float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
