@@ -293,6 +293,12 @@ def vote(descriptions: list[str]) -> tuple[str, str | None, str | None, dict]:
     return f"{explanation} (shared by {support} of {n} example descriptions).", concept, category, votes
 
 
+def _image_key(image: Image.Image) -> str:
+    import hashlib
+
+    return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
+
+
 def _scene_phrase(scene: str) -> str:
     return {"sky": "in the sky", "water": "on the water"}.get(scene, f"on the {scene}")
 
@@ -305,17 +311,19 @@ class DemoExplainer(Explainer):
     def __init__(self, model: str, batch_size: int = 8, max_new_tokens: int = 32, dtype: str = "float32", device: str = "cpu"):
         self.model, self.batch_size, self.max_new_tokens = model, batch_size, max_new_tokens
         self.adapter = _load(model, dtype, device)
+        self._captions: dict[str, str] = {}
 
     def explain_batch(self, requests):
-        images = [im for r in requests for im in r.images]
-        captions: list[str] = []
-        for start in range(0, len(images), 16):
-            chunk = images[start:start + 16]
-            captions += generate(self.adapter, chunk, [DEMO_PROMPT] * len(chunk), self.max_new_tokens)
-        out, start = [], 0
+        # features often share a region of an image: each distinct view is captioned once
+        views = {_image_key(im): im for r in requests for im in r.images}
+        todo = [k for k in views if k not in self._captions]
+        for start in range(0, len(todo), 16):
+            keys = todo[start:start + 16]
+            for k, caption in zip(keys, generate(self.adapter, [views[k] for k in keys], [DEMO_PROMPT] * len(keys), self.max_new_tokens)):
+                self._captions[k] = caption
+        out = []
         for r in requests:
-            descriptions = captions[start:start + len(r.images)]
-            start += len(r.images)
+            descriptions = [self._captions[_image_key(im)] for im in r.images]
             explanation, concept, category, votes = vote(descriptions)
             out.append(ExplainResult(explanation, concept, category,
                                      {"descriptions": descriptions, "votes": votes, "method": DEMO_VERSION}))
