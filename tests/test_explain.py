@@ -219,6 +219,8 @@ def test_vote_keeps_what_most_descriptions_share():
     assert vote(["A blue star in the sky.", "A red circle in the sky.", "A green square in the sky."])[1:3] == ("sky", "scene")
     assert vote(["A red star with a hole.", "A blue star with a hole.", "A green circle."])[1:3] == ("star hole", "part")
     assert vote(["", "", ""])[1] is None
+    text, concept, category, _ = vote(["A red star.", "A blue circle.", "A green square.", "A red hexagon."])
+    assert concept is None and category is None and "closest: red (named in 2 of 4" in text
 
 
 @pytest.fixture(scope="module")

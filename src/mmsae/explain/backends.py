@@ -12,7 +12,7 @@ loses only the requests in flight.
   single-image model family works.
 - :class:`DemoExplainer`: offline, for the demo model. The demo model captions each top
   example cropped to its activated region, and a deterministic vote keeps the words (colour,
-  texture, shape, part, scene) that most captions share. It is a small captioner plus a vote,
+  texture, shape, part, scene) that most captions share (no majority: no concept). A small captioner plus a vote,
   not a large model's judgement, and it says so in each row.
 """
 
@@ -286,7 +286,8 @@ def vote(descriptions: list[str]) -> tuple[str, str | None, str | None, dict]:
         if top is None:
             return "No shared concept: the descriptions name nothing in common.", None, None, votes
         w, c, k = top
-        return f"Possibly {w} (named in {c} of {n} descriptions; no majority).", w, k, votes
+        # no majority: the text says what came closest, but no concept is claimed
+        return f"No shared concept; closest: {w} (named in {c} of {n} descriptions).", None, None, votes
     defining = {"part": part, "object": obj, "texture": texture, "colour": colour, "scene": scene}[category]
     support = counts[category][defining]
     explanation = f"The highlighted regions show {concept}" + (f" {_scene_phrase(scene)}" if scene and category != "scene" else "")
