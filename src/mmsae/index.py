@@ -437,7 +437,7 @@ def _save_image(out: Path, sample_id: int, image: Image.Image) -> str:
     if not path.exists():
         ensure_dir(path.parent)
         tmp = path.with_name(f".{path.name}.tmp")
-        image.convert("RGB").save(tmp, format="PNG")
+        image.convert("RGB").save(tmp, format="PNG", compress_level=1)  # fast; these are working copies
         os.replace(tmp, path)
     return rel
 
@@ -918,6 +918,7 @@ def build_index(cfg: IndexConfig) -> FeatureIndex:
             state.prune()
 
     since_ckpt = 0
+    started = time.perf_counter()
     bar = tqdm(total=total, initial=state.next_id, desc="index", unit="sample", dynamic_ncols=True)
     batch: list = []
     try:
@@ -947,8 +948,11 @@ def build_index(cfg: IndexConfig) -> FeatureIndex:
                 "n_images": state.stats.n_images, "n_skipped": state.skipped, "num_latents": sae.cfg.num_latents,
                 "k": sae.cfg.k, "quantile_levels": list(QUANTILE_LEVELS), "signature": signature,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tokens = state.token_rows(adapter.tokenizer)
+    # this session's time from the first batch to the finished folder (model loading excluded)
+    manifest["run_seconds"] = round(time.perf_counter() - started, 3)
     _write_folder(out, manifest, state.top_sample, state.top_score, state.rand_sample, state.rand_score, state.maps,
-                  state.stats, state.samples, state.layouts, state.token_rows(adapter.tokenizer))
+                  state.stats, state.samples, state.layouts, tokens)
     ckpt.unlink(missing_ok=True)
     if state.skipped:
         print(f"skipped {state.skipped} unreadable samples", flush=True)
