@@ -48,8 +48,9 @@ def run_pipeline(cfg: DemoConfig, model_path: str) -> None:
     log = read_json(log_path) if log_path.exists() else {"stages": {}}
     log.update({"model": model_path, "layer": cfg.layer, "quick": cfg.quick, "sizes": sizes.__dict__})
 
-    def stage(name: str, output: Path, fn: Callable[[], object]) -> None:
-        if output.exists() and not cfg.force:
+    def stage(name: str, output: Path | None, fn: Callable[[], object]) -> None:
+        """Run one stage; ``output=None`` marks a stage that resumes by itself, so it always runs."""
+        if output is not None and output.exists() and not cfg.force:
             print(f"[demo] {name}: done already ({output})")
             return
         print(f"[demo] {name} ...", flush=True)
@@ -83,13 +84,13 @@ def run_pipeline(cfg: DemoConfig, model_path: str) -> None:
 
     from ..explain import ExplainConfig, explain
 
-    stage("explain", run / "explanations.jsonl", lambda: explain(ExplainConfig(
+    stage("explain", None, lambda: explain(ExplainConfig(
         index=str(run / "index"), out=str(run / "explanations.jsonl"), backend="demo",
         model=model_path, max_features=sizes.explain_features)))
 
     from ..score import ScoreConfig, score
 
-    stage("score", run / "scores.md", lambda: score(ScoreConfig(
+    stage("score", None, lambda: score(ScoreConfig(
         run=str(run), segmenter="oracle", scorers=["iou", "text_similarity", "detection"],
         judge="oracle", binarization="paper", seed=seed)))
 
