@@ -326,7 +326,7 @@ def train_projector(stage_dir: Path, vision_dir: Path, lm_dir: Path, recipe: Pro
     from ..data.shapes import ShapesWorld, question_type
 
     tag = (f"s{seed}-{recipe.image_size}px-L{'_'.join(map(str, recipe.vision_layers))}-n{recipe.train_images}"
-           f"-a{recipe.align_epochs}-b{recipe.batch_size}-lr{recipe.lr:g}")
+           f"-a{recipe.align_epochs}-b{recipe.batch_size}-lr{recipe.lr:g}-st{recipe.steps}")
     work = ensure_dir(stage_dir / f"projector-{tag}")
     final = work / "projector.safetensors"
     if final.is_file():
