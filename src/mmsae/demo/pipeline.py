@@ -96,8 +96,10 @@ def run_pipeline(cfg: DemoConfig, model_path: str) -> None:
 
     from ..attribute import demo_steering
 
+    # --quick searches fewer targets and settings for the steering features.
+    steer_search = dict(targets={"colour": ("red", "blue")}, multiples=(4.0, 8.0), spans=("image",)) if cfg.quick else {}
     stage("steer", run / "steering" / "demo_steering.json", lambda: demo_steering(
-        model_path, str(sae_dir), run, n_images=sizes.steer_images))
+        model_path, str(sae_dir), run, n_images=sizes.steer_images, **steer_search))
 
     # The dashboard is rebuilt every time, from whatever the run folder now holds.
     from ..report import DashboardConfig, build_dashboard
