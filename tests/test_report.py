@@ -118,6 +118,9 @@ def make_run(root: Path, with_index: bool = True) -> Path:
         {"prompt": "What colour is the shape? " + HOSTILE, "image": None,
          "interventions": [{"feature": 1, "value": 8.0, "mode": "clamp"}], "span": "all", "layer": 2,
          "clean": "It is red.", "steered": "It is blue. " + HOSTILE}])
+    write_json(run / "demo_steering.json", {"targets": [
+        {"kind": "colour", "target": "blue" + HOSTILE, "feature": 1, "span": "image", "value": 12.5, "success": 0.9,
+         "clean_says_target": 0.1, "n": 10}], "best_success": 0.9})
     write_json(run / "sweep.json", {"feature": 1, "keywords": ["blue"],
                                     "rows": [{"value": None, "concept_rate": 0.0, "perplexity": 3.0},
                                              {"value": 8.0, "concept_rate": 1.0, "perplexity": 4.5}]})
@@ -256,6 +259,10 @@ def test_run_report_sections_and_paper_table(site):
         assert im.size == (40, 30)
     steering = report[report.index("<h2>Steering</h2>"):report.index("<h2>Attribution</h2>")]
     assert "plots/steering-sweep.png" in steering and "concept_rate" in steering
+    # the demo's steering search: one row per target, the target text escaped
+    assert "steering features found by attribution" in steering
+    assert "<td class=num>0.9</td><td class=num>0.1</td><td class=num>10</td>" in steering
+    assert HOSTILE not in steering and "&lt;" in steering
     assert "<a href='feature.html#1'>#1</a>" in steering  # the steered feature links to its page
     assert "tiny-llava" in report and "language_model.layers.2" in report
     evaluation = report[report.index("<h2>Evaluation</h2>"):report.index("<h2>Explanation scores</h2>")]

@@ -222,6 +222,29 @@ def _feature_links(features: list[int], pages: set[int]) -> str:
     return ", ".join(f"<a href='feature.html#{f}'>#{f}</a>" if f in pages else f"#{f}" for f in features)
 
 
+def _demo_steering_table(data: RunData, pages: set[int]) -> str:
+    """The demo's search for steering features: per target answer, the best clamp and its success rate."""
+    path = data.steering_dir / "demo_steering.json" if data.steering_dir else None
+    if path is None or not path.exists():
+        return ""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "<p class=muted>demo_steering.json could not be read</p>"
+    targets = [t for t in found.get("targets") or [] if isinstance(t, dict)]
+    body = "".join(
+        f"<tr><td>{esc(t.get('kind', ''))}</td><td>{esc(t.get('target', ''))}</td>"
+        f"<td>{_feature_links([t['feature']], pages) if isinstance(t.get('feature'), int) else ''}</td>"
+        f"<td>{esc(t.get('span', ''))}</td><td class=num>{esc(fmt(t.get('value')))}</td>"
+        f"<td class=num>{esc(fmt(t.get('success')))}</td><td class=num>{esc(fmt(t.get('clean_says_target')))}</td>"
+        f"<td class=num>{esc(fmt(t.get('n')))}</td></tr>" for t in targets)
+    return ("<h3>steering features found by attribution</h3><p class=muted>Each feature is clamped while the model "
+            "answers a question about a held-out scene whose true answer is not the target; success is how often the "
+            "answer becomes the target (the clean model's rate beside it).</p>"
+            "<table class=rows><thead><tr><th>kind</th><th>target</th><th>feature</th><th>span</th><th>value</th>"
+            f"<th>success</th><th>clean says target</th><th>scenes</th></tr></thead><tbody>{body}</tbody></table>")
+
+
 def _steering_section(data: RunData, site: Path, pages: set[int]) -> str:
     body = ""
     for r in data.steering[:MAX_TABLE_ROWS]:
@@ -231,8 +254,9 @@ def _steering_section(data: RunData, site: Path, pages: set[int]) -> str:
                  f"{' · span ' + esc(r['span']) if r.get('span') else ''}</div></td>"
                  f"<td class=text>{esc(r.get('prompt', ''))}</td><td class=text>{esc(r.get('clean', ''))}</td>"
                  f"<td class=text>{esc(r.get('steered', ''))}</td></tr>")
-    html = ("<div class=scroll><table class=rows><thead><tr><th>features</th><th>prompt</th><th>clean output</th>"
-            f"<th>steered output</th></tr></thead><tbody>{body}</tbody></table></div>")
+    html = _demo_steering_table(data, pages)
+    html += ("<div class=scroll><table class=rows><thead><tr><th>features</th><th>prompt</th><th>clean output</th>"
+             f"<th>steered output</th></tr></thead><tbody>{body}</tbody></table></div>")
     if len(data.steering) > MAX_TABLE_ROWS:
         html += f"<p class=muted>{len(data.steering) - MAX_TABLE_ROWS} more rows in steering.jsonl</p>"
     sweep = data.steering_dir / "sweep.json" if data.steering_dir else None
