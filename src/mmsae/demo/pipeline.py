@@ -30,9 +30,10 @@ class DemoSizes:
     steer_images: int
 
 
-FULL = DemoSizes(harvest_images=1200, train_tokens=2_000_000, batch_size=1024, expansion=8, k=16,
-                 index_images=600, evaluate_images=64, explain_features=128, steer_images=40)
-QUICK = DemoSizes(harvest_images=200, train_tokens=300_000, batch_size=512, expansion=4, k=16,
+# Sized from the --quick run's stage times to fit about 15 minutes on 2 CPU cores after the build.
+FULL = DemoSizes(harvest_images=400, train_tokens=250_000, batch_size=1024, expansion=8, k=16,
+                 index_images=300, evaluate_images=32, explain_features=64, steer_images=20)
+QUICK = DemoSizes(harvest_images=200, train_tokens=150_000, batch_size=512, expansion=4, k=16,
                   index_images=120, evaluate_images=16, explain_features=24, steer_images=10)
 
 
@@ -97,7 +98,9 @@ def run_pipeline(cfg: DemoConfig, model_path: str) -> None:
     from ..attribute import demo_steering
 
     # --quick searches fewer targets and settings for the steering features.
-    steer_search = dict(targets={"colour": ("red", "blue")}, multiples=(4.0, 8.0), spans=("image",)) if cfg.quick else {}
+    steer_search = dict(multiples=(4.0, 8.0), spans=("image",))
+    if cfg.quick:
+        steer_search["targets"] = {"colour": ("red", "blue")}
     stage("steer", run / "steering" / "demo_steering.json", lambda: demo_steering(
         model_path, str(sae_dir), run, n_images=sizes.steer_images, **steer_search))
 
