@@ -27,7 +27,7 @@ def answer_mask_from_lengths(attention_mask: torch.Tensor, answer_lengths: list[
 
 
 class ChatAdapter(ModelAdapter):
-    """build_inputs via the processor's chat template; subclasses give ``token_layouts``.
+    """build_inputs via the processor's chat template; subclasses give ``image_sequence_layout``.
 
     A chat template produces text that already holds the special tokens, so the text is
     tokenized with ``add_special_tokens=False`` (as ``apply_chat_template`` itself does).
@@ -104,7 +104,26 @@ class ChatAdapter(ModelAdapter):
         sizes = [im.size if im is not None else None for im in images]
         return ModelInputs(inputs=batch, layouts=self.token_layouts(batch, sizes), answer_mask=answer_mask)
 
-    # --- helpers for token_layouts ------------------------------------------------------------
+    # --- token_layouts ----------------------------------------------------------------------
+    def token_layouts(self, inputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int] | None]) -> list[TokenLayout]:
+        """One layout per sequence; a sequence with no image gets an empty one, the rest
+        :meth:`image_sequence_layout` (``image_index`` counts the images of the batch so far)."""
+        layouts = []
+        image_index = 0
+        for ids, mask, size in zip(inputs["input_ids"], inputs["attention_mask"], image_sizes):
+            positions = torch.nonzero(ids == self.image_token_id).flatten().cpu()
+            if size is None or positions.numel() == 0:
+                layouts.append(self.empty_layout(ids, mask))
+                continue
+            layouts.append(self.image_sequence_layout(inputs, image_index, positions, tuple(size), self.text_positions(ids, mask)))
+            image_index += 1
+        return layouts
+
+    def image_sequence_layout(self, inputs: dict[str, torch.Tensor], image_index: int, positions: torch.Tensor,
+                              size: tuple[int, int], text_positions: torch.Tensor) -> TokenLayout:
+        """The layout of one sequence whose image placeholders sit at ``positions`` (family-specific)."""
+        raise NotImplementedError
+
     def text_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Non-padding positions that are not image placeholders, for one sequence."""
         if getattr(self, "_image_ids", None) is None:

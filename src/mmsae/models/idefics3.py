@@ -47,30 +47,22 @@ class Idefics3Adapter(ChatAdapter):
         _, rows, cols = self.processor.image_processor.get_number_of_image_patches(height, width, {})
         return rows, cols
 
-    def token_layouts(self, inputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int] | None]) -> list[TokenLayout]:
+    def image_sequence_layout(self, inputs, image_index, positions, size, text_positions) -> TokenLayout:
         side, per_frame = self.tokens_per_frame()
-        image_id = self.image_token_id
-        layouts = []
-        for ids, mask, size in zip(inputs["input_ids"], inputs["attention_mask"], image_sizes):
-            positions = torch.nonzero(ids == image_id).flatten().cpu()
-            if size is None or positions.numel() == 0:
-                layouts.append(self.empty_layout(ids, mask))
-                continue
-            width, height = size
-            rows, cols = self.split_grid(width, height)
-            frames = rows * cols + 1
-            if positions.numel() != frames * per_frame:
-                raise MmsaeError(f"{self.model_id}: found {positions.numel()} image tokens for a {width}x{height} image, expected {frames * per_frame} (one image per sequence)")
-            tiles = [Tile((0.0, 0.0, float(width), float(height)), side, side)]
-            for r in range(rows):
-                for c in range(cols):
-                    tiles.append(Tile((c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows), side, side))
-            # frames come sub-images first, global image last; tile 0 is the global image
-            frame_tile = torch.tensor(list(range(1, frames)) + [0])
-            cell = torch.arange(per_frame).repeat(frames)
-            tile = frame_tile.repeat_interleave(per_frame)
-            layouts.append(TokenLayout(positions, tile, cell // side, cell % side, tiles, tuple(size), self.text_positions(ids, mask)))
-        return layouts
+        width, height = size
+        rows, cols = self.split_grid(width, height)
+        frames = rows * cols + 1
+        if positions.numel() != frames * per_frame:
+            raise MmsaeError(f"{self.model_id}: found {positions.numel()} image tokens for a {width}x{height} image, expected {frames * per_frame} (one image per sequence)")
+        tiles = [Tile((0.0, 0.0, float(width), float(height)), side, side)]
+        for r in range(rows):
+            for c in range(cols):
+                tiles.append(Tile((c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows), side, side))
+        # frames come sub-images first, global image last; tile 0 is the global image
+        frame_tile = torch.tensor(list(range(1, frames)) + [0])
+        cell = torch.arange(per_frame).repeat(frames)
+        tile = frame_tile.repeat_interleave(per_frame)
+        return TokenLayout(positions, tile, cell // side, cell % side, tiles, size, text_positions)
 
 
 class SmolVLMAdapter(Idefics3Adapter):

@@ -35,19 +35,8 @@ class LlavaAdapter(ChatAdapter):
                 return side, side, skip
         raise MmsaeError(f"{self.model_id}: found {count} image tokens in a sequence, which is not a square grid (one image per sequence)")
 
-    def token_layouts(self, inputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int] | None]) -> list[TokenLayout]:
-        image_id = self.image_token_id
-        layouts = []
-        for ids, mask, size in zip(inputs["input_ids"], inputs["attention_mask"], image_sizes):
-            positions = torch.nonzero(ids == image_id).flatten().cpu()
-            if size is None or positions.numel() == 0:
-                layouts.append(self.empty_layout(ids, mask))
-                continue
-            rows, cols, skip = self.patch_grid(positions.numel())
-            positions = positions[skip:]
-            cell = torch.arange(rows * cols)
-            box = processed_canvas_box(size[0], size[1], self.processor.image_processor)
-            layouts.append(
-                TokenLayout(positions, torch.zeros_like(cell), cell // cols, cell % cols, [Tile(box, rows, cols)], tuple(size), self.text_positions(ids, mask))
-            )
-        return layouts
+    def image_sequence_layout(self, inputs, image_index, positions, size, text_positions) -> TokenLayout:
+        rows, cols, skip = self.patch_grid(positions.numel())
+        cell = torch.arange(rows * cols)
+        box = processed_canvas_box(size[0], size[1], self.processor.image_processor)
+        return TokenLayout(positions[skip:], torch.zeros_like(cell), cell // cols, cell % cols, [Tile(box, rows, cols)], size, text_positions)

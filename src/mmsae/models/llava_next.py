@@ -149,15 +149,7 @@ class LlavaNextAdapter(ChatAdapter):
         cells = base + [(t + 1, r, c) for t, r, c in high_cells]
         return tiles, cells, torch.cat([positions[: len(base)], high_positions])
 
-    def token_layouts(self, inputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int] | None]) -> list[TokenLayout]:
-        image_id = self.image_token_id
-        layouts = []
-        for ids, mask, size in zip(inputs["input_ids"], inputs["attention_mask"], image_sizes):
-            positions = torch.nonzero(ids == image_id).flatten().cpu()
-            if size is None or positions.numel() == 0:
-                layouts.append(self.empty_layout(ids, mask))
-                continue
-            tiles, cells, patch_positions = self.image_layout(positions, tuple(size))
-            cell = torch.tensor(cells, dtype=torch.long)
-            layouts.append(TokenLayout(patch_positions, cell[:, 0], cell[:, 1], cell[:, 2], tiles, tuple(size), self.text_positions(ids, mask)))
-        return layouts
+    def image_sequence_layout(self, inputs, image_index, positions, size, text_positions) -> TokenLayout:
+        tiles, cells, patch_positions = self.image_layout(positions, size)
+        cell = torch.tensor(cells, dtype=torch.long)
+        return TokenLayout(patch_positions, cell[:, 0], cell[:, 1], cell[:, 2], tiles, size, text_positions)

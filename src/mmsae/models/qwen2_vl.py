@@ -29,25 +29,17 @@ class Qwen2VLAdapter(ChatAdapter):
     def image_placeholder(self) -> str:
         return "<|vision_start|><|image_pad|><|vision_end|>"
 
-    def token_layouts(self, inputs: dict[str, torch.Tensor], image_sizes: list[tuple[int, int] | None]) -> list[TokenLayout]:
+    def image_sequence_layout(self, inputs, image_index, positions, size, text_positions) -> TokenLayout:
         merge = self.model.config.vision_config.spatial_merge_size
-        image_id = self.image_token_id
-        grids = iter(inputs["image_grid_thw"].tolist()) if "image_grid_thw" in inputs else iter(())
-        layouts = []
-        for ids, mask, size in zip(inputs["input_ids"], inputs["attention_mask"], image_sizes):
-            positions = torch.nonzero(ids == image_id).flatten().cpu()
-            if size is None or positions.numel() == 0:
-                layouts.append(self.empty_layout(ids, mask))
-                continue
-            frames, patch_rows, patch_cols = next(grids)
-            rows, cols = patch_rows // merge, patch_cols // merge
-            if frames != 1 or positions.numel() != rows * cols:
-                raise MmsaeError(f"{self.model_id}: found {positions.numel()} image tokens for a grid of {frames}x{rows}x{cols}, expected one image per sequence")
-            cell = torch.arange(rows * cols)
-            width, height = size
-            tile = Tile((0.0, 0.0, float(width), float(height)), rows, cols)
-            layouts.append(TokenLayout(positions, torch.zeros_like(cell), cell // cols, cell % cols, [tile], tuple(size), self.text_positions(ids, mask)))
-        return layouts
+        # image_grid_thw has one row per image of the batch, in sequence order
+        frames, patch_rows, patch_cols = inputs["image_grid_thw"][image_index].tolist()
+        rows, cols = patch_rows // merge, patch_cols // merge
+        if frames != 1 or positions.numel() != rows * cols:
+            raise MmsaeError(f"{self.model_id}: found {positions.numel()} image tokens for a grid of {frames}x{rows}x{cols}, expected one image per sequence")
+        cell = torch.arange(rows * cols)
+        width, height = size
+        tile = Tile((0.0, 0.0, float(width), float(height)), rows, cols)
+        return TokenLayout(positions, torch.zeros_like(cell), cell // cols, cell % cols, [tile], size, text_positions)
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
