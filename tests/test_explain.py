@@ -251,3 +251,20 @@ def test_hf_backend_batches_on_a_llava(tiny_llava_index, tmp_path):
     with pytest.raises(MmsaeError, match="takes no images"):
         explain(ExplainConfig(index=str(tiny_llava_index.path), out=str(tmp_path / "f.jsonl"), backend="hf",
                               model=tiny_model("llama"), device="cpu"))
+
+
+def test_vote_counts_only_the_kinds_asked_for(tmp_path):
+    import json
+
+    from mmsae.explain.backends import readable_kinds
+
+    # every description hallucinates a handle: with parts untrusted, the shared colour wins
+    descriptions = ["A red star with a handle.", "A red circle with a handle.", "A red square with a handle."]
+    assert vote(descriptions)[1:3] == ("handle", "part")
+    text, concept, category, votes = vote(descriptions, ("colour", "object", "scene"))
+    assert (concept, category) == ("red", "colour") and "part" not in votes
+    # the kinds come from the model's held-out check: pattern at 16% is not trusted, parts never
+    (tmp_path / "quality.json").write_text(json.dumps({"by_type": {
+        "colour": {"accuracy": 0.95}, "shape": {"accuracy": 0.9}, "pattern": {"accuracy": 0.16}, "scene": {"accuracy": 1.0}}}))
+    assert readable_kinds(str(tmp_path)) == ("colour", "object", "scene")
+    assert readable_kinds(str(tmp_path / "missing")) == ("colour", "texture", "object", "part", "scene")

@@ -69,7 +69,7 @@ class TrainingRecipe:
     align_lr: float = 3e-3
     lora_rank: int = 16                       # then the LM's attention update, by the LM loss
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    steps: int = 400
+    steps: int = 700
     batch_size: int = 8
     lr: float = 3e-3
     warmup: int = 5

@@ -248,26 +248,32 @@ class HFExplainer(Explainer):
 
 
 DEMO_PROMPT = "Describe the image."
-DEMO_VERSION = "demo-caption-vote-v1"
+DEMO_VERSION = "demo-caption-vote-v2"
+VOTE_KINDS = ("colour", "texture", "object", "part", "scene")
+# question types of the demo model's quality check -> the description words they measure
+QUESTION_KIND = {"colour": "colour", "shape": "object", "pattern": "texture", "scene": "scene"}
 
 
-def vote(descriptions: list[str]) -> tuple[str, str | None, str | None, dict]:
+def vote(descriptions: list[str], kinds: tuple[str, ...] = VOTE_KINDS) -> tuple[str, str | None, str | None, dict]:
     """Merge per-example descriptions: keep the attribute words a majority of them share.
 
     Returns ``(explanation, concept, category, votes)``. Words are grouped by kind (colour,
     texture, object, part, scene); a word wins its kind when more than half the descriptions
     contain it. The category follows what is shared: a part, else an object (with its shared
-    colour and texture), else a texture, a colour, then a scene.
+    colour and texture), else a texture, a colour, then a scene. ``kinds`` limits the vote to
+    those kinds of words (for a describer known to misread the others).
     """
-    kinds = {"colour": concept_words.COLOUR_WORDS, "texture": concept_words.TEXTURE_WORDS - {"pattern", "patterned", "solid", "plain"},
+    vocabularies = {"colour": concept_words.COLOUR_WORDS, "texture": concept_words.TEXTURE_WORDS - {"pattern", "patterned", "solid", "plain"},
              "object": concept_words.OBJECT_WORDS, "part": concept_words.PART_WORDS, "scene": concept_words.SCENE_WORDS}
-    counts: dict[str, Counter] = {k: Counter() for k in kinds}
+    kinds_used = set(kinds)  # words of other kinds are neither counted nor claimed
+    vocabularies = {k: v for k, v in vocabularies.items() if k in kinds_used}
+    counts: dict[str, Counter] = {k: Counter() for k in VOTE_KINDS}
     for d in descriptions:
         words = {concept_words._SINGULAR.get(w, w) for w in concept_words._words(d)}
-        for kind, vocab in kinds.items():
+        for kind, vocab in vocabularies.items():
             counts[kind].update(w for w in words if w in vocab or w in {concept_words._SINGULAR.get(v, v) for v in vocab})
     need = len(descriptions) / 2
-    shared = {k: next((w for w, c in counts[k].most_common() if c > need), None) for k in kinds}
+    shared = {k: next((w for w, c in counts[k].most_common() if c > need), None) for k in VOTE_KINDS}
     votes = {k: dict(c.most_common(3)) for k, c in counts.items() if c}
     colour, texture, obj, part, scene = (shared[k] for k in ("colour", "texture", "object", "part", "scene"))
     n = len(descriptions)
@@ -282,7 +288,7 @@ def vote(descriptions: list[str]) -> tuple[str, str | None, str | None, dict]:
     elif scene:
         concept, category = scene, "scene"
     else:
-        top = max(((w, c, k) for k in kinds for w, c in counts[k].items()), key=lambda t: t[1], default=None)
+        top = max(((w, c, k) for k in VOTE_KINDS for w, c in counts[k].items()), key=lambda t: t[1], default=None)
         if top is None:
             return "No shared concept: the descriptions name nothing in common.", None, None, votes
         w, c, k = top
@@ -304,14 +310,31 @@ def _scene_phrase(scene: str) -> str:
     return {"sky": "in the sky", "water": "on the water"}.get(scene, f"on the {scene}")
 
 
+def readable_kinds(model: str, threshold: float = 0.8) -> tuple[str, ...]:
+    """The description kinds a demo model reads reliably: those whose question type its build's
+    held-out check (``quality.json`` in the model folder) answered at least ``threshold``
+    correctly. Parts have no question and are never trusted; without a check, every kind."""
+    import json
+    from pathlib import Path
+
+    path = Path(model) / "quality.json"
+    if not path.is_file():
+        return VOTE_KINDS
+    by_type = json.loads(path.read_text()).get("by_type", {})
+    good = {QUESTION_KIND[t] for t, r in by_type.items() if t in QUESTION_KIND and r.get("accuracy", 0) >= threshold}
+    return tuple(k for k in VOTE_KINDS if k in good)
+
+
 class DemoExplainer(Explainer):
-    """The demo model captions each highlighted example; a majority vote merges the captions."""
+    """The demo model captions each highlighted example; a majority vote merges the captions,
+    counting only the kinds of words (colour, shape, ...) the model was measured to read."""
 
     name = "demo"
 
     def __init__(self, model: str, batch_size: int = 8, max_new_tokens: int = 32, dtype: str = "float32", device: str = "cpu"):
         self.model, self.batch_size, self.max_new_tokens = model, batch_size, max_new_tokens
         self.adapter = _load(model, dtype, device)
+        self.kinds = readable_kinds(model)
         self._captions: dict[str, str] = {}
 
     def explain_batch(self, requests):
@@ -325,7 +348,8 @@ class DemoExplainer(Explainer):
         out = []
         for r in requests:
             descriptions = [self._captions[_image_key(im)] for im in r.images]
-            explanation, concept, category, votes = vote(descriptions)
+            explanation, concept, category, votes = vote(descriptions, self.kinds)
             out.append(ExplainResult(explanation, concept, category,
-                                     {"descriptions": descriptions, "votes": votes, "method": DEMO_VERSION}))
+                                     {"descriptions": descriptions, "votes": votes, "kinds": list(self.kinds),
+                                      "method": DEMO_VERSION}))
         return out
