@@ -204,7 +204,7 @@ def assemble(vision_dir: Path, lm_dir: Path, trained: dict[str, torch.Tensor], r
     model.lm_head.weight = model.model.language_model.embed_tokens.weight if config.tie_word_embeddings else model.lm_head.weight
     if not config.tie_word_embeddings:
         model.lm_head.load_state_dict(lm.lm_head.state_dict())
-    model.model.multi_modal_projector.load_state_dict({k[len("projector."):]: v.float() for k, v in trained.items()
+    model.model.multi_modal_projector.load_state_dict({k[len("projector."):]: v for k, v in trained.items()
                                                        if k.startswith("projector.")})
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -677,7 +677,7 @@ def shipped_weights(recipe: TrainingRecipe) -> dict[str, torch.Tensor] | None:
     except Exception as e:
         raise MmsaeError(f"shipped weights {SHIPPED_WEIGHTS} are unreadable ({type(e).__name__}); "
                          "reinstall mmsae or train them again: mmsae demo build --retrain") from e
-    if json.loads(json.dumps(asdict(recipe))) != meta:
+    if json.loads(json.dumps(asdict(recipe))) != meta:  # compared as JSON: tuples were stored as lists
         return None
     return weights
 
@@ -687,8 +687,8 @@ def build(cache_dir: Path | str | None = None, force: bool = False, seed: int = 
     """Build the demo model into ``cache_dir`` (resumable) and return its folder.
 
     ``retrain`` trains the projector and the language model's update from scratch instead of
-    using the shipped weights; ``force``
-    discards every cached stage first. Prints and saves (``quality.json``) the held-out accuracy.
+    using the shipped weights (or reuses weights this cache already trained); ``force`` discards
+    every cached stage first. Prints and saves (``quality.json``) the held-out accuracy.
     """
     recipe = recipe or TrainingRecipe()
     cache_dir = _check_writable(Path(cache_dir) if cache_dir else default_cache_dir())
@@ -745,7 +745,7 @@ def ship(cache_dir: Path | str | None = None, seed: int = 0, recipe: TrainingRec
     assets in float16, with their recipe: what later builds use instead of training."""
     recipe = recipe or TrainingRecipe()
     stages = Path(cache_dir or default_cache_dir()) / "stages"
-    trained = train_weights(stages, stages / "vision", stages / "lm", recipe, seed=seed, progress=False)
+    trained = train_weights(stages, stages / "vision", stages / "lm", recipe, seed=seed)  # cached: no work
     save_tensors(SHIPPED_WEIGHTS, {k: v.half().contiguous() for k, v in trained.items()},
                  metadata={"recipe": json.dumps(asdict(recipe)), "seed": str(seed)})
     return SHIPPED_WEIGHTS

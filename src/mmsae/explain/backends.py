@@ -264,9 +264,8 @@ def vote(descriptions: list[str], kinds: tuple[str, ...] = VOTE_KINDS) -> tuple[
     those kinds of words (for a describer known to misread the others).
     """
     vocabularies = {"colour": concept_words.COLOUR_WORDS, "texture": concept_words.TEXTURE_WORDS - {"pattern", "patterned", "solid", "plain"},
-             "object": concept_words.OBJECT_WORDS, "part": concept_words.PART_WORDS, "scene": concept_words.SCENE_WORDS}
-    kinds_used = set(kinds)  # words of other kinds are neither counted nor claimed
-    vocabularies = {k: v for k, v in vocabularies.items() if k in kinds_used}
+                    "object": concept_words.OBJECT_WORDS, "part": concept_words.PART_WORDS, "scene": concept_words.SCENE_WORDS}
+    vocabularies = {k: v for k, v in vocabularies.items() if k in kinds}  # other kinds: neither counted nor claimed
     counts: dict[str, Counter] = {k: Counter() for k in VOTE_KINDS}
     for d in descriptions:
         words = {concept_words._SINGULAR.get(w, w) for w in concept_words._words(d)}
@@ -314,13 +313,14 @@ def readable_kinds(model: str, threshold: float = 0.8) -> tuple[str, ...]:
     """The description kinds a demo model reads reliably: those whose question type its build's
     held-out check (``quality.json`` in the model folder) answered at least ``threshold``
     correctly. Parts have no question and are never trusted; without a check, every kind."""
-    import json
     from pathlib import Path
+
+    from ..io import read_json
 
     path = Path(model) / "quality.json"
     if not path.is_file():
         return VOTE_KINDS
-    by_type = json.loads(path.read_text()).get("by_type", {})
+    by_type = read_json(path).get("by_type", {})
     good = {QUESTION_KIND[t] for t, r in by_type.items() if t in QUESTION_KIND and r.get("accuracy", 0) >= threshold}
     return tuple(k for k in VOTE_KINDS if k in good)
 
