@@ -36,19 +36,23 @@ SPARSIFY_WORKER = r"""
 import json, sys, time, torch
 from sparsify import SparseCoder, SparseCoderConfig
 torch.set_num_threads(int(sys.argv[1]))
+device = torch.device(sys.argv[2])
+torch.backends.cuda.matmul.allow_tf32 = sys.argv[3] == "1"
+sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 state = {}
 for line in sys.stdin:
     cmd = json.loads(line)
     if cmd["op"] == "init":
         torch.manual_seed(0)
         d, n, k, batch = cmd["d"], cmd["n"], cmd["k"], cmd["batch"]
-        sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k))
+        sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device=device)
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-        x = torch.randn(batch, d, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(batch, d, generator=torch.Generator().manual_seed(1)).to(device)
         state = {"sae": sae, "opt": opt, "x": x}
         print(json.dumps({"ok": True}), flush=True)
     elif cmd["op"] == "run":
         sae, opt, x = state["sae"], state["opt"], state["x"]
+        sync()
         start = time.perf_counter()
         for _ in range(cmd["steps"]):
             out = sae(x)
@@ -59,6 +63,7 @@ for line in sys.stdin:
             opt.zero_grad()
             sae.set_decoder_norm_to_unit_norm()
         float(loss.detach())
+        sync()
         print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
     elif cmd["op"] == "free":
         state = {}
@@ -67,8 +72,8 @@ for line in sys.stdin:
 
 
 class SparsifyWorker:
-    def __init__(self, python: str, threads: int):
-        self.proc = subprocess.Popen([python, "-c", SPARSIFY_WORKER, str(threads)], stdin=subprocess.PIPE,
+    def __init__(self, python: str, threads: int, device: str, tf32: bool):
+        self.proc = subprocess.Popen([python, "-c", SPARSIFY_WORKER, str(threads), device, str(int(tf32))], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def call(self, **cmd) -> dict:
@@ -86,34 +91,43 @@ class SparsifyWorker:
         self.proc.wait(timeout=60)
 
 
-def make_mmsae_step(d: int, n: int, k: int, batch: int, autocast: bool):
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_mmsae_step(d: int, n: int, k: int, batch: int, autocast: bool, device: torch.device):
     torch.manual_seed(0)
-    sae = SparseAutoencoder(SaeConfig(d_in=d, num_latents=n, k=k))
-    cfg = TrainConfig(out="unused", k=k, batch_size=batch, dead_tokens=10**12, autocast=autocast)
+    sae = SparseAutoencoder(SaeConfig(d_in=d, num_latents=n, k=k), device=device)
+    cfg = TrainConfig(out="unused", k=k, batch_size=batch, dead_tokens=10**12, autocast=autocast, device=str(device))
     model = SaeTrainingStep(sae, cfg)
     opt = make_optimizer(sae, 1e-4)
-    x = torch.randn(batch, d, generator=torch.Generator().manual_seed(1))
-    state = {"tokens_since_fired": torch.zeros(n, dtype=torch.long), "tokens": 0, "threshold_initialised": False}
+    x = torch.randn(batch, d, generator=torch.Generator().manual_seed(1)).to(device)
+    state = {"tokens_since_fired": torch.zeros(n, dtype=torch.long, device=device), "tokens": 0, "threshold_initialised": False}
 
     def run(steps: int) -> float:
+        _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
             loss, _ = _train_step(model, sae, opt, x, state, cfg, 1)
         float(loss)
+        _sync(device)
         return time.perf_counter() - start
 
     return run
 
 
-def make_matmul(d: int, n: int, batch: int):
-    x = torch.randn(batch, d)
-    w = torch.randn(n, d) / d**0.5
-    out = torch.empty(batch, n)
+def make_matmul(d: int, n: int, batch: int, device: torch.device):
+    x = torch.randn(batch, d, device=device)
+    w = torch.randn(n, d, device=device) / d**0.5
+    out = torch.empty(batch, n, device=device)
 
     def run(steps: int) -> float:
+        _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
             torch.mm(x, w.t(), out=out)
+        _sync(device)
         return time.perf_counter() - start
 
     return run
@@ -127,21 +141,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bf16", action="store_true", help="also time mmsae with the bf16 encoder matmul (--autocast)")
     parser.add_argument("--sparsify-python", default=str(HERE / ".venv-sparsify" / "bin" / "python"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the ceiling's matmul is float32: TF32 off unless --tf32)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPU (all three methods)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
 
     threads = torch.get_num_threads()
-    worker = SparsifyWorker(args.sparsify_python, threads) if Path(args.sparsify_python).exists() else None
+    worker = SparsifyWorker(args.sparsify_python, threads, args.device, args.tf32) if Path(args.sparsify_python).exists() else None
     if worker is None:
         print(f"(no sparsify environment at {args.sparsify_python}; run bench/setup_sparsify.sh to compare)")
     results = []
     for shape in args.shapes.split(","):
         d, n, k = (int(v) for v in shape.split("x"))
-        methods = {"ceiling (matmul)": make_matmul(d, n, args.batch), "mmsae": make_mmsae_step(d, n, k, args.batch, False)}
+        methods = {"ceiling (matmul)": make_matmul(d, n, args.batch, device), "mmsae": make_mmsae_step(d, n, k, args.batch, False, device)}
         if args.bf16:
-            methods["mmsae bf16"] = make_mmsae_step(d, n, k, args.batch, True)
+            methods["mmsae bf16"] = make_mmsae_step(d, n, k, args.batch, True, device)
         if worker is not None:
-            worker.call(op="init", d=d, n=n, k=k, batch=args.batch)
+            try:
+                worker.call(op="init", d=d, n=n, k=k, batch=args.batch)
+            except RuntimeError as e:  # its environment cannot import sparsify: compare without it
+                print(f"(sparsify unavailable: {e})")
+                worker = None
+        if worker is not None:
             methods["sparsify"] = lambda steps: worker.call(op="run", steps=steps)["seconds"]
         for run in methods.values():  # warm-up
             run(1)
@@ -152,12 +175,12 @@ def main() -> None:
         if worker is not None:
             worker.call(op="free")
         rate = {name: statistics.median(v) for name, v in times.items()}
-        row = {"d": d, "n": n, "k": k, "batch": args.batch, "threads": threads, "tokens_per_s": rate,
+        row = {"d": d, "n": n, "k": k, "batch": args.batch, "threads": threads, "device": str(device), "tokens_per_s": rate,
                "rounds": times, "mmsae_vs_ceiling": rate["mmsae"] / rate["ceiling (matmul)"]}
         if "sparsify" in rate:
             row["mmsae_vs_sparsify"] = rate["mmsae"] / rate["sparsify"]
         results.append(row)
-        print(f"\nd={d} n={n} k={k} batch={args.batch} threads={threads}")
+        print(f"\nd={d} n={n} k={k} batch={args.batch} threads={threads} device={device}")
         for name, value in rate.items():
             spread = f"{min(times[name]):.0f}-{max(times[name]):.0f}"
             print(f"  {name:<18} {value:10.0f} tokens/s   (rounds: {spread})")

@@ -4,55 +4,75 @@ A TopK SAE touches only k of its n latents per token, so everything after the en
 is O(batch * k * d) instead of O(batch * n * d):
 
 * ``SparseEncode``: the encoder matmul (the one dense [batch, n] product) in column blocks,
-  each immediately reduced to its top ``k`` pre-activations per row. Its backward
-  never builds a dense [batch, n] gradient: the encoder's weight gradient is an ``index_add`` of
-  ``k`` outer products per token.
-* ``SparseDecode``: the decoder as a weighted sum of ``k`` decoder rows (``embedding_bag``);
-  backward gathers the same rows for the value gradient and ``index_add``s the weight gradient.
+  each immediately reduced to its top ``k`` pre-activations per row.
+* ``SparseDecode``: the decoder as a weighted sum of ``k`` decoder rows (``embedding_bag``).
+
+Both backward passes see the active set as a sparse [n, batch] matrix in CSR form (rows =
+latents, built once per call by sorting the batch's k * batch indices). Then a weight gradient
+is one sparse-dense product (``grad.addmm_(S, rows)``: each latent's row sums its tokens'
+vectors, no [batch, k, d] outer products), and the decoder's value gradient, the dot of each
+active latent's decoder row with its token's output gradient, is one sampled product
+(``sampled_addmm``), with no gathered copy of the rows.
 
 Weight gradients of leaf parameters are added straight into ``param.grad`` (the backward then
 returns None for them): a training step allocates no fresh [n, d] gradient tensors, which on a
-busy CPU cost more in page faults than the arithmetic does.
-
-Row chunking keeps temporaries (the [chunk, n] pre-activations, the [chunk, k, d] outer
-products) small enough to stay in cache and avoids page-faulting a fresh huge tensor each step.
-These run on CPU and GPU alike; on GPU they are plain PyTorch ops (no Triton needed).
+busy CPU cost more in page faults than the arithmetic does. These run on CPU and GPU alike as
+plain PyTorch ops (MKL / cuSPARSE under the sparse products; no Triton needed).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 # elements of the [rows, block] pre-activation buffer (64 MB in float32)
 _ENCODE_CHUNK_ELEMENTS = 1 << 24
-# rows per chunk for the [rows, k, d] temporaries of the backward passes (4 MB: cache-sized)
-_BACKWARD_CHUNK_ELEMENTS = 1 << 20
 
 
-@contextmanager
-def _one_thread(device: torch.device):
-    """Run the scatter/gather loops on one CPU thread.
+def _csr_warning_free(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": we use its stable core only
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
-    They are memory-bound; splitting small, cache-sized chunks over threads costs more in
-    hand-offs than it gains, and on a shared, oversubscribed CPU far more (measured 7x slower
-    with 2 threads than with 1 for the weight-gradient scatter on a busy 2-core machine).
+
+class ActiveSet:
+    """The (token, latent) pairs of a batch's top-k indices [B, k], sorted by latent.
+
+    ``matrix(coeffs)`` is the sparse [n, B] matrix with ``coeffs[b, j]`` at (indices[b, j], b);
+    ``unsort(v)`` takes values listed in that latent-major order back to [B, k].
     """
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
+    def __init__(self, indices: torch.Tensor, n: int):
+        batch, k = indices.shape
+        flat = indices.reshape(-1)
+        self.order = torch.argsort(flat, stable=True)
+        self.tokens = torch.div(self.order, k, rounding_mode="floor")
+        counts = torch.bincount(flat, minlength=n)
+        self.crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
+        torch.cumsum(counts, 0, out=self.crow[1:])
+        self.shape = (n, batch, k)
 
-def _rows_per_chunk(elements_per_row: int, budget: int, total: int) -> int:
-    return max(1, min(total, budget // max(1, elements_per_row)))
+    def matrix(self, coeffs: torch.Tensor) -> torch.Tensor:
+        n, batch, _ = self.shape
+        return _csr_warning_free(self.crow, self.tokens, coeffs.reshape(-1)[self.order], (n, batch))
+
+    def unsort(self, values: torch.Tensor) -> torch.Tensor:
+        _, batch, k = self.shape
+        out = torch.empty(batch * k, dtype=values.dtype, device=values.device)
+        out[self.order] = values
+        return out.view(batch, k)
+
+    def add_weight_grad(self, target: torch.Tensor, coeffs: torch.Tensor, vectors: torch.Tensor) -> None:
+        """target[indices[b, j]] += coeffs[b, j] * vectors[b] for every active pair."""
+        target.addmm_(self.matrix(coeffs.to(target.dtype)), vectors.to(target.dtype))
+
+    def row_dots(self, weight: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """[B, k]: weight[indices[b, j]] . vectors[b] for every active pair."""
+        pattern = self.matrix(torch.zeros(self.order.numel(), dtype=weight.dtype, device=weight.device))
+        sampled = torch.sparse.sampled_addmm(pattern, weight, vectors.to(weight.dtype).t(), beta=0)
+        return self.unsort(sampled.values())
 
 
 def topk_preactivations(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,17 +121,6 @@ def _grad_target(param: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return torch.zeros_like(param), False
 
 
-def _rowwise_outer_index_add(target: torch.Tensor, indices: torch.Tensor, coeffs: torch.Tensor, rows_vec: torch.Tensor) -> None:
-    """target[indices[b, j]] += coeffs[b, j] * rows_vec[b], in row chunks (no [B, k, d] tensor)."""
-    batch, k = indices.shape
-    d = rows_vec.shape[1]
-    chunk = _rows_per_chunk(k * d, _BACKWARD_CHUNK_ELEMENTS, batch)
-    for start in range(0, batch, chunk):
-        stop = min(batch, start + chunk)
-        src = coeffs[start:stop, :, None] * rows_vec[start:stop, None, :]
-        target.index_add_(0, indices[start:stop].reshape(-1), src.reshape(-1, d))
-
-
 class SparseEncode(torch.autograd.Function):
     """(x [B, d], weight [n, d], bias [n], k) -> top-k pre-activations (values [B, k], indices [B, k])."""
 
@@ -126,17 +135,13 @@ class SparseEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values: torch.Tensor, _grad_indices):
         x, weight, indices = ctx.saved_tensors
-        with _one_thread(x.device):
-            return SparseEncode._backward(ctx, x, weight, indices, grad_values.contiguous())
-
-    @staticmethod
-    def _backward(ctx, x, weight, indices, grad_values):
+        grad_values = grad_values.contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad_values, mode="sum")
+            grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad_values.to(weight.dtype), mode="sum").to(x.dtype)
         if ctx.needs_input_grad[1]:
             target, in_place = _grad_target(weight)
-            _rowwise_outer_index_add(target, indices, grad_values.to(target.dtype), x.to(target.dtype))
+            ActiveSet(indices, weight.shape[0]).add_weight_grad(target, grad_values, x)
             grad_weight = None if in_place else target
         if ctx.needs_input_grad[2]:
             bias = ctx.bias
@@ -157,24 +162,14 @@ class SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         values, indices, weight = ctx.saved_tensors
-        with _one_thread(weight.device):
-            return SparseDecode._backward(ctx, values, indices, weight, grad_out.contiguous())
-
-    @staticmethod
-    def _backward(ctx, values, indices, weight, grad_out):
+        grad_out = grad_out.contiguous()
+        active = ActiveSet(indices, weight.shape[0])
         grad_values = grad_weight = None
         if ctx.needs_input_grad[0]:
-            batch, k = indices.shape
-            d = weight.shape[1]
-            grad_values = torch.empty_like(values)
-            chunk = _rows_per_chunk(k * d, _BACKWARD_CHUNK_ELEMENTS, batch)
-            for start in range(0, batch, chunk):
-                stop = min(batch, start + chunk)
-                rows = weight[indices[start:stop]]  # [chunk, k, d]
-                grad_values[start:stop] = torch.bmm(rows, grad_out[start:stop, :, None]).squeeze(-1)
+            grad_values = active.row_dots(weight, grad_out).to(values.dtype)
         if ctx.needs_input_grad[2]:
             target, in_place = _grad_target(weight)
-            _rowwise_outer_index_add(target, indices, values.to(target.dtype), grad_out.to(target.dtype))
+            active.add_weight_grad(target, values, grad_out)
             grad_weight = None if in_place else target
         return grad_values, None, grad_weight
 

@@ -164,8 +164,9 @@ class SparseAutoencoder(nn.Module):
         """Project out the radial part of the decoder gradient (rows stay unit norm to first order)."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * self.W_dec)
+        # row-wise dots as a batched [1, d] x [d, 1] product: no [n, d] temporary
+        parallel = torch.bmm(self.W_dec.grad.unsqueeze(1), self.W_dec.unsqueeze(2)).view(-1, 1)
+        self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1)
 
     @torch.no_grad()
     def fold_scale(self, scale: float) -> None:
