@@ -7,9 +7,10 @@
    encoder matmul (autocast);
 2. training on the GPU: planted-direction recovery on synthetic activations, and exact resume
    (a run killed after its first checkpoint and resumed, against one never interrupted);
-3. the two ways to do the sparse backward on a GPU, timed at the benchmark shapes: the sparse
-   [n, batch] CSR products the kernels use (cuSPARSE) against one-shot outer products with
-   ``index_add_`` (atomics).
+3. the two ways to do the sparse backward (``mmsae.sae.kernels.BACKWARD_METHOD``), timed at the
+   benchmark shapes: sparse [n, batch] CSR products (cuSPARSE) against outer products added with
+   ``index_add_`` (atomics) and gathered rows with ``bmm``; each alone, and in a whole training
+   step beside the plain matmul ceiling of bench_sae.py.
 Everything goes to ``--out`` as JSON, and a short table is printed last.
 """
 
@@ -20,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -29,7 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mmsae.sae import load_sae  # noqa: E402
 from mmsae.sae.kernels import ActiveSet, sparse_decode, sparse_encode  # noqa: E402
 from mmsae.sae.synthetic import SyntheticConfig, generate, recovery_score  # noqa: E402
+import mmsae.sae.kernels as kernels  # noqa: E402
 import mmsae.sae.train as train_mod  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sae import make_matmul, make_mmsae_step  # noqa: E402
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -118,16 +124,16 @@ def compare_backward(device: torch.device, d: int, n: int, k: int, batch: int) -
     grad = torch.zeros(n, d, device=device)
 
     def csr_grad():
-        ActiveSet(indices, n).add_weight_grad(grad, coeffs, vectors)
+        ActiveSet(indices, n, "csr").add_weight_grad(grad, coeffs, vectors)
 
     def atomic_grad():
-        grad.index_add_(0, indices.reshape(-1), (coeffs[:, :, None] * vectors[:, None, :]).reshape(-1, d))
+        ActiveSet(indices, n, "index_add").add_weight_grad(grad, coeffs, vectors)
 
     def csr_dots():
-        return ActiveSet(indices, n).row_dots(weight, vectors)
+        return ActiveSet(indices, n, "csr").row_dots(weight, vectors)
 
     def gather_dots():
-        return torch.bmm(weight[indices], vectors[:, :, None]).squeeze(-1)
+        return ActiveSet(indices, n, "index_add").row_dots(weight, vectors)
 
     csr_grad()
     ref = grad.clone()
@@ -137,6 +143,19 @@ def compare_backward(device: torch.device, d: int, n: int, k: int, batch: int) -
     return {"d": d, "n": n, "k": k, "batch": batch, "agree": agree,
             "weight_grad_ms": {"csr": median_ms(csr_grad, device), "index_add": median_ms(atomic_grad, device)},
             "row_dots_ms": {"csr": median_ms(csr_dots, device), "gather_bmm": median_ms(gather_dots, device)}}
+
+
+def compare_steps(device: torch.device, d: int, n: int, k: int, batch: int, steps: int = 10) -> dict:
+    """Tokens/s of a whole training step with each backward method, and of the matmul ceiling."""
+    rates = {"ceiling (matmul)": make_matmul(d, n, batch, device)}
+    for method in ("csr", "index_add"):
+        rates[method] = make_mmsae_step(d, n, k, batch, False, device)
+    result = {}
+    for name, run in rates.items():
+        kernels.BACKWARD_METHOD[device.type] = name if name != "ceiling (matmul)" else kernels.BACKWARD_METHOD[device.type]
+        run(2)
+        result[name] = batch * steps / min(run(steps) for _ in range(3))
+    return {"d": d, "n": n, "k": k, "batch": batch, "tokens_per_s": result}
 
 
 def main() -> None:
@@ -152,11 +171,23 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     result = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-    result["kernels"] = [check_kernels(device, False), check_kernels(device, True)]
+
+    def section(name: str, fn) -> None:  # one failing check must not hide the others
+        try:
+            result[name] = fn()
+        except Exception as e:  # noqa: BLE001 - reported in the results
+            traceback.print_exc()
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+
+    section("kernels", lambda: [check_kernels(device, False), check_kernels(device, True)])
     with tempfile.TemporaryDirectory() as tmp:
-        result["training"] = check_training(device, Path(tmp))
-    result["backward"] = [compare_backward(device, 768, 24576, 32, args.batch),
-                          compare_backward(device, 4096, 32768, 64, args.batch)]
+        section("training", lambda: check_training(device, Path(tmp)))
+    section("backward", lambda: [compare_backward(device, 768, 24576, 32, args.batch),
+                                 compare_backward(device, 4096, 32768, 64, args.batch)])
+    default = kernels.BACKWARD_METHOD[device.type]
+    section("steps", lambda: [compare_steps(device, 768, 24576, 32, args.batch),
+                              compare_steps(device, 4096, 32768, 64, args.batch)])
+    kernels.BACKWARD_METHOD[device.type] = default
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=1))
 

@@ -180,8 +180,9 @@ class SaeTrainingStep(nn.Module):
                 values = values * (values.detach() >= cut)
                 extra["cut"] = cut
             recon = sparse_decode(values, indices, sae.W_dec) + sae.b_dec
-            fired = torch.zeros(sae.cfg.num_latents, dtype=torch.bool, device=x.device)
-            fired[indices[values > 0]] = True
+            # scatter, not boolean indexing: no host sync on a GPU
+            fired = torch.zeros(sae.cfg.num_latents, device=x.device).scatter_reduce_(
+                0, indices.reshape(-1), (values > 0).reshape(-1).float(), "amax") > 0
             l0_mean = (values > 0).sum(-1).float().mean()
         error = recon - x
         # normalised by the GLOBAL batch's variance, times world (DDP averages gradients)
@@ -286,9 +287,11 @@ def _load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Adam, 
     meta = read_json(path / "state.json")
     tensors = load_file(str(path / "state.safetensors"))
     sae.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    # fused / capturable Adam keeps its step counts on the parameters' device, plain Adam on the CPU
+    on_device = any(group.get("fused") or group.get("capturable") for group in opt.param_groups)
     for n, p in sae.named_parameters():
         if f"adam.{n}.exp_avg" in tensors:
-            opt.state[p] = {"step": torch.tensor(meta["adam_steps"][n]),
+            opt.state[p] = {"step": torch.tensor(meta["adam_steps"][n], dtype=torch.float32, device=p.device if on_device else "cpu"),
                             "exp_avg": tensors[f"adam.{n}.exp_avg"].to(device),
                             "exp_avg_sq": tensors[f"adam.{n}.exp_avg_sq"].to(device)}
     meta["tokens_since_fired"] = tensors["tokens_since_fired"].to(device)
