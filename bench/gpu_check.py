@@ -7,10 +7,10 @@
    encoder matmul (autocast);
 2. training on the GPU: planted-direction recovery on synthetic activations, and exact resume
    (a run killed after its first checkpoint and resumed, against one never interrupted);
-3. the two ways to do the sparse backward (``mmsae.sae.kernels.BACKWARD_METHOD``), timed at the
-   benchmark shapes: sparse [n, batch] CSR products (cuSPARSE) against outer products added with
-   ``index_add_`` (atomics) and gathered rows with ``bmm``; each alone, and in a whole training
-   step beside the plain matmul ceiling of bench_sae.py.
+3. the sparse backward's two products, timed at the benchmark shapes: the CSR products the
+   kernels use (cuSPARSE under ``ActiveSet``) against the obvious alternative, outer products
+   added with ``index_add_`` (atomics) and gathered rows with ``bmm``;
+4. where a training step's GPU time goes (torch.profiler, kernels by total time).
 Everything goes to ``--out`` as JSON, and a short table is printed last.
 """
 
@@ -31,11 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mmsae.sae import load_sae  # noqa: E402
 from mmsae.sae.kernels import ActiveSet, sparse_decode, sparse_encode  # noqa: E402
 from mmsae.sae.synthetic import SyntheticConfig, generate, recovery_score  # noqa: E402
-import mmsae.sae.kernels as kernels  # noqa: E402
 import mmsae.sae.train as train_mod  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sae import make_matmul, make_mmsae_step  # noqa: E402
+from bench_sae import make_mmsae_step  # noqa: E402
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -124,16 +123,16 @@ def compare_backward(device: torch.device, d: int, n: int, k: int, batch: int) -
     grad = torch.zeros(n, d, device=device)
 
     def csr_grad():
-        ActiveSet(indices, n, "csr").add_weight_grad(grad, coeffs, vectors)
+        ActiveSet(indices, n).add_weight_grad(grad, coeffs, vectors)
 
     def atomic_grad():
-        ActiveSet(indices, n, "index_add").add_weight_grad(grad, coeffs, vectors)
+        grad.index_add_(0, indices.reshape(-1), (coeffs[:, :, None] * vectors[:, None, :]).reshape(-1, d))
 
     def csr_dots():
-        return ActiveSet(indices, n, "csr").row_dots(weight, vectors)
+        return ActiveSet(indices, n).row_dots(weight, vectors)
 
     def gather_dots():
-        return ActiveSet(indices, n, "index_add").row_dots(weight, vectors)
+        return torch.bmm(weight[indices], vectors[:, :, None]).squeeze(-1)
 
     csr_grad()
     ref = grad.clone()
@@ -145,17 +144,24 @@ def compare_backward(device: torch.device, d: int, n: int, k: int, batch: int) -
             "row_dots_ms": {"csr": median_ms(csr_dots, device), "gather_bmm": median_ms(gather_dots, device)}}
 
 
-def compare_steps(device: torch.device, d: int, n: int, k: int, batch: int, steps: int = 10) -> dict:
-    """Tokens/s of a whole training step with each backward method, and of the matmul ceiling."""
-    rates = {"ceiling (matmul)": make_matmul(d, n, batch, device)}
-    for method in ("csr", "index_add"):
-        rates[method] = make_mmsae_step(d, n, k, batch, False, device)
-    result = {}
-    for name, run in rates.items():
-        kernels.BACKWARD_METHOD[device.type] = name if name != "ceiling (matmul)" else kernels.BACKWARD_METHOD[device.type]
-        run(2)
-        result[name] = batch * steps / min(run(steps) for _ in range(3))
-    return {"d": d, "n": n, "k": k, "batch": batch, "tokens_per_s": result}
+def profile_step(device: torch.device, d: int, n: int, k: int, batch: int, steps: int = 5) -> dict:
+    """Share of a training step's device time per kernel (top 15) and the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = make_mmsae_step(d, n, k, batch, False, device)
+    run(3)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        seconds = run(steps)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(getattr(e, attr) for e in events)
+    events.sort(key=lambda e: -getattr(e, attr))
+    print(prof.key_averages().table(sort_by=attr, row_limit=15))
+    return {"d": d, "n": n, "k": k, "batch": batch, "wall_ms_per_step": 1000 * seconds / steps,
+            "device_ms_per_step": total / 1000 / steps,
+            "top": [{"name": e.key[:80], "ms_per_step": getattr(e, attr) / 1000 / steps, "calls_per_step": e.count / steps}
+                    for e in events[:15]]}
 
 
 def main() -> None:
@@ -184,10 +190,7 @@ def main() -> None:
         section("training", lambda: check_training(device, Path(tmp)))
     section("backward", lambda: [compare_backward(device, 768, 24576, 32, args.batch),
                                  compare_backward(device, 4096, 32768, 64, args.batch)])
-    default = kernels.BACKWARD_METHOD[device.type]
-    section("steps", lambda: [compare_steps(device, 768, 24576, 32, args.batch),
-                              compare_steps(device, 4096, 32768, 64, args.batch)])
-    kernels.BACKWARD_METHOD[device.type] = default
+    section("profile", lambda: [profile_step(device, 768, 24576, 32, args.batch)])
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=1))
 

@@ -39,12 +39,7 @@ def test_topk_preactivations_match_dense_topk_across_blocks(monkeypatch):
     assert torch.equal(indices.sort(-1).values, ref.indices.sort(-1).values)
 
 
-@pytest.mark.parametrize("method", ["csr", "index_add"])
-def test_sparse_kernel_gradients_equal_dense_float64_reference(monkeypatch, method):
-    import mmsae.sae.kernels as kernels
-
-    monkeypatch.setitem(kernels.BACKWARD_METHOD, "cpu", method)
-    monkeypatch.setattr(kernels, "_INDEX_ADD_CHUNK_ELEMENTS", 2 * 4 * 6)  # index_add: 2 rows per chunk
+def test_sparse_kernel_gradients_equal_dense_float64_reference():
     torch.manual_seed(1)
     B, d, n, k = 7, 6, 20, 4
     x = torch.randn(B, d, dtype=torch.float64, requires_grad=True)

@@ -7,13 +7,15 @@ is O(batch * k * d) instead of O(batch * n * d):
   each immediately reduced to its top ``k`` pre-activations per row.
 * ``SparseDecode``: the decoder as a weighted sum of ``k`` decoder rows (``embedding_bag``).
 
-On the CPU both backward passes see the active set as a sparse [n, batch] matrix in CSR form
+Both backward passes see the active set as a sparse [n, batch] matrix in CSR form
 (rows = latents, built once per call by sorting the batch's k * batch indices). Then a weight
 gradient is one sparse-dense product (``grad.addmm_(S, rows)``: each latent's row sums its
 tokens' vectors, no [batch, k, d] outer products), and the decoder's value gradient, the dot
 of each active latent's decoder row with its token's output gradient, is one sampled product
-(``sampled_addmm``), with no gathered copy of the rows. On a GPU, outer products added with
-``index_add_`` (atomics) and a gather with ``bmm`` were faster (``BACKWARD_METHOD``).
+(``sampled_addmm``), with no gathered copy of the rows. Measured against one-shot outer
+products with ``index_add_`` and gathered rows with ``bmm`` (bench/gpu_check.py), the sparse
+products were faster on a 2-core CPU and on an H200 alike (weight gradient at d=4096: 0.9 ms
+against 10 ms on the H200)
 
 Weight gradients of leaf parameters are added straight into ``param.grad`` (the backward then
 returns None for them): a training step allocates no fresh [n, d] gradient tensors, which on a
@@ -32,14 +34,6 @@ import torch.nn.functional as F
 _ENCODE_CHUNK_ELEMENTS = 1 << 24
 
 
-# How the backward passes scatter into and gather from [n, d] weights, per device type, chosen
-# by measurement (bench/bench_sae.py, bench/gpu_check.py): "csr" runs them as sparse-dense
-# products (MKL on CPU); "index_add" as outer products added with atomics, gathered rows and bmm.
-BACKWARD_METHOD = {"cpu": "csr", "cuda": "index_add"}
-# "index_add": elements of the [rows, k, d] temporaries per chunk (512 MB in float32)
-_INDEX_ADD_CHUNK_ELEMENTS = 1 << 27
-
-
 def _csr_warning_free(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": we use its stable core only
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
@@ -48,55 +42,37 @@ def _csr_warning_free(crow: torch.Tensor, col: torch.Tensor, values: torch.Tenso
 
 
 class ActiveSet:
-    """The (token, latent) pairs of a batch's top-k indices [B, k], for the backward passes.
+    """The (token, latent) pairs of a batch's top-k indices [B, k], sorted by latent into the
+    pattern of a sparse [n, B] CSR matrix, for the backward passes.
 
-    ``add_weight_grad`` adds coeffs[b, j] * vectors[b] to row indices[b, j] of a gradient;
-    ``row_dots`` gives weight[indices[b, j]] . vectors[b]. With the "csr" method the pairs are
-    sorted by latent into a sparse [n, B] matrix once, and both are single sparse products.
+    ``add_weight_grad`` adds coeffs[b, j] * vectors[b] to row indices[b, j] of a gradient and
+    ``row_dots`` gives weight[indices[b, j]] . vectors[b], each as one sparse product.
     """
 
-    def __init__(self, indices: torch.Tensor, n: int, method: str | None = None):
-        self.indices = indices
-        self.method = method or BACKWARD_METHOD.get(indices.device.type, "csr")
+    def __init__(self, indices: torch.Tensor, n: int):
         batch, k = indices.shape
         self.shape = (n, batch, k)
-        if self.method == "csr":
-            flat = indices.reshape(-1)
-            self.order = torch.argsort(flat, stable=True)
-            self.tokens = torch.div(self.order, k, rounding_mode="floor")
-            self.crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
-            torch.cumsum(torch.bincount(flat, minlength=n), 0, out=self.crow[1:])
+        flat = indices.reshape(-1)
+        self.order = torch.argsort(flat, stable=True)
+        self.tokens = torch.div(self.order, k, rounding_mode="floor")
+        self.crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
+        torch.cumsum(torch.bincount(flat, minlength=n), 0, out=self.crow[1:])
 
     def _matrix(self, coeffs: torch.Tensor) -> torch.Tensor:
         n, batch, _ = self.shape
         return _csr_warning_free(self.crow, self.tokens, coeffs.reshape(-1)[self.order], (n, batch))
 
-    def _chunks(self, d: int):
-        _, batch, k = self.shape
-        rows = max(1, min(batch, _INDEX_ADD_CHUNK_ELEMENTS // max(1, k * d)))
-        return ((start, min(batch, start + rows)) for start in range(0, batch, rows))
-
     def add_weight_grad(self, target: torch.Tensor, coeffs: torch.Tensor, vectors: torch.Tensor) -> None:
         """target[indices[b, j]] += coeffs[b, j] * vectors[b] for every active pair."""
-        coeffs, vectors = coeffs.to(target.dtype), vectors.to(target.dtype)
-        if self.method == "csr":
-            target.addmm_(self._matrix(coeffs), vectors)
-            return
-        for start, stop in self._chunks(target.shape[1]):
-            outer = coeffs[start:stop, :, None] * vectors[start:stop, None, :]
-            target.index_add_(0, self.indices[start:stop].reshape(-1), outer.reshape(-1, target.shape[1]))
+        target.addmm_(self._matrix(coeffs.to(target.dtype)), vectors.to(target.dtype))
 
     def row_dots(self, weight: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """[B, k]: weight[indices[b, j]] . vectors[b] for every active pair."""
-        vectors = vectors.to(weight.dtype)
-        if self.method == "csr":
-            pattern = self._matrix(torch.zeros(self.order.numel(), dtype=weight.dtype, device=weight.device))
-            sampled = torch.sparse.sampled_addmm(pattern, weight, vectors.t(), beta=0).values()
-            out = torch.empty_like(sampled)
-            out[self.order] = sampled
-            return out.view(self.shape[1], self.shape[2])
-        return torch.cat([torch.bmm(weight[self.indices[start:stop]], vectors[start:stop, :, None]).squeeze(-1)
-                          for start, stop in self._chunks(weight.shape[1])])
+        pattern = self._matrix(torch.zeros(self.order.numel(), dtype=weight.dtype, device=weight.device))
+        sampled = torch.sparse.sampled_addmm(pattern, weight, vectors.to(weight.dtype).t(), beta=0).values()
+        out = torch.empty_like(sampled)
+        out[self.order] = sampled
+        return out.view(self.shape[1], self.shape[2])
 
 
 def topk_preactivations(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -409,17 +409,17 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
     step = start_step
     for step in range(start_step, total_steps):
         x = next(batches).to(device, non_blocking=True)
-        _check_finite(x, source, f"the batch of step {step}")
         x = x * scale
         lr = _lr_at(step, total_steps, peak_lr, cfg.warmup, cfg.decay)
         for group in opt.param_groups:
             group["lr"] = lr
         loss, parts = _train_step(model, sae, opt, x, state, cfg, world)
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss)):  # the one host sync per step; a non-finite batch is named first
+            _check_finite(x, source, f"the batch of step {step}")
             raise MmsaeError(f"training diverged at step {step} (loss {float(loss)}); lower --lr; checkpoints in {out / 'checkpoints'} are kept")
         state["tokens"] += cfg.batch_size
         step_done = step + 1
-        log_acc.add(parts, float(loss))
+        log_acc.add(parts, loss)
         bar.update(1)
         if step_done % cfg.log_every == 0 or step_done == total_steps:
             row = log_acc.row(step_done, lr, state, n_latents, cfg.dead_tokens)
@@ -450,8 +450,11 @@ def _train_step(model, sae: SparseAutoencoder, opt: torch.optim.Adam, x: torch.T
     _all_reduce(stats)
     count = x.shape[0] * world
     total_variance = (stats[0] - stats[1:].pow(2).sum() / count).clamp_min(1e-12).float()
-    dead_mask = state["tokens_since_fired"] >= cfg.dead_tokens
-    loss, parts = model(x, dead_mask if bool(dead_mask.any()) else None, total_variance, world)
+    dead_mask = None
+    if state["tokens"] >= cfg.dead_tokens:  # before that, no latent can be dead (and no host sync is needed)
+        dead_mask = state["tokens_since_fired"] >= cfg.dead_tokens
+        dead_mask = dead_mask if bool(dead_mask.any()) else None
+    loss, parts = model(x, dead_mask, total_variance, world)
     loss.backward()
     if world > 1:
         # data parallel: average gradients over ranks (the sparse kernels write .grad directly,
@@ -476,11 +479,10 @@ def _train_step(model, sae: SparseAutoencoder, opt: torch.optim.Adam, x: torch.T
                 sae.threshold.fill_(float(cut))
                 state["threshold_initialised"] = True
         fired = _all_reduce(parts["fired"].to(torch.int32), dist.ReduceOp.MAX if dist.is_initialized() else None) > 0
-        state["tokens_since_fired"] += cfg.batch_size
-        state["tokens_since_fired"][fired] = 0
+        state["tokens_since_fired"].add_(cfg.batch_size).masked_fill_(fired, 0)
+    # parts stay on the device (read when a log row is written): no host sync per step here
     reduced = _all_reduce(torch.stack([parts["fvu_part"], parts["l0"] / world, parts["auxk_part"]]).double())
-    parts = {"fvu": float(reduced[0]), "l0": float(reduced[1]), "auxk": float(reduced[2]), "fired": fired}
-    return _all_reduce(loss.detach().double()) / world, parts
+    return _all_reduce(loss.detach().double()) / world, {"fvu": reduced[0], "l0": reduced[1], "auxk": reduced[2]}
 
 
 class _LogAccumulator:
@@ -488,17 +490,14 @@ class _LogAccumulator:
 
     def __init__(self):
         self.rows = []
-        self.fired = None
 
-    def add(self, parts: dict, loss: float) -> None:
-        self.rows.append((loss, parts["fvu"], parts["l0"], parts["auxk"]))
-        self.fired = parts["fired"] if self.fired is None else self.fired | parts["fired"]
+    def add(self, parts: dict, loss: torch.Tensor) -> None:
+        self.rows.append(torch.stack([loss, parts["fvu"], parts["l0"], parts["auxk"]]))
 
     def row(self, step: int, lr: float, state: dict, n_latents: int, dead_tokens: int) -> dict:
-        n = len(self.rows)
-        loss, fvu, l0, auxk = (sum(r[i] for r in self.rows) / n for i in range(4))
+        loss, fvu, l0, auxk = torch.stack(self.rows).mean(0).tolist()
         dead = float((state["tokens_since_fired"] >= min(dead_tokens, state["tokens"])).float().mean()) if state["tokens"] else 0.0
-        self.rows, self.fired = [], None
+        self.rows = []
         return {"step": step, "loss": loss, "fvu": fvu, "l0": l0, "auxk": auxk, "dead_fraction": dead,
                 "lr": lr, "tokens": state["tokens"]}
 
