@@ -55,8 +55,8 @@ class ActiveSet:
         flat = indices.reshape(-1)
         self.order = torch.argsort(flat, stable=True)
         self.tokens = torch.div(self.order, k, rounding_mode="floor")
-        self.crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
-        torch.cumsum(torch.bincount(flat, minlength=n), 0, out=self.crow[1:])
+        # row pointers: how many pairs have a latent below each row (bincount would sync a GPU)
+        self.crow = torch.searchsorted(flat[self.order], torch.arange(n + 1, device=indices.device))
 
     def _matrix(self, coeffs: torch.Tensor) -> torch.Tensor:
         n, batch, _ = self.shape
