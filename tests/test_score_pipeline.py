@@ -124,6 +124,29 @@ def test_score_end_to_end(run, capsys):
     assert categories[0] == "colour" and categories[3] == "scene"
 
 
+def test_best_concept_bounds_every_explanation_and_ignores_it(run, tmp_path):
+    quick = dict(scorers=["iou"], baselines=["best_concept"], netdissect_images=0)
+    score(config(run, out=str(tmp_path / "right"), **quick))
+    # every feature explained with the next feature's concept: wrong, but the bound must not move
+    wrong = [{"feature": f, "explanation": f"{c} regions", "concept": c, "category": cat}
+             for f, (c, cat) in enumerate(CONCEPTS[1:] + CONCEPTS[:1])]
+    (tmp_path / "wrong.jsonl").write_text("".join(json.dumps(r) + "\n" for r in wrong))
+    score(config(run, out=str(tmp_path / "wrong"), explanations=str(tmp_path / "wrong.jsonl"), **quick))
+
+    def values(folder, baseline):
+        return {r["feature"]: r for r in read_jsonl(tmp_path / folder / "scores.jsonl") if r["baseline"] == baseline}
+
+    right, wrong_ours = values("right", "none"), values("wrong", "none")
+    best_right, best_wrong = values("right", "best_concept"), values("wrong", "best_concept")
+    assert best_right.keys() == right.keys() == set(range(len(CONCEPTS)))
+    for f in right:
+        assert best_right[f]["value"] == best_wrong[f]["value"]  # independent of the explanation
+        assert best_right[f]["value"] >= right[f]["value"] - 1e-12  # the feature's own concept is a candidate
+        assert best_right[f]["value"] == pytest.approx(np.mean(best_right[f]["details"]["per_image"]))
+    mean = lambda rows: np.mean([r["value"] for r in rows.values()])
+    assert mean(best_wrong) > mean(wrong_ours) + 0.3
+
+
 def test_score_is_deterministic_and_resumes(run, tmp_path):
     # IoU and detection only (text similarity is covered above), into fresh output folders
     quick = dict(scorers=["iou", "detection"])

@@ -17,9 +17,12 @@ Per feature, with its top ``top`` images and their binarised activation maps:
 
 Baselines: ``random_images`` (the paper's: the explanation and the feature's maps on random other
 images), ``shuffled`` (another feature's explanation, by a seeded derangement) and, for IoU,
-``full_mask`` (the whole image as the mask) and ``ceiling`` (not a baseline but an upper bound:
-the IoU of a feature that fires exactly on the segmented concept, seen through the model's token
-grid and the same binarisation; it shows how much IoU resolution and binarisation alone cost).
+``full_mask`` (the whole image as the mask). Two upper bounds sit beside them, for IoU:
+``ceiling``, the IoU of a feature that fires exactly on the segmented concept, seen through the
+model's token grid and the same binarisation (what resolution and binarisation alone cost), and,
+on the shapes world, ``best_concept``, the IoU of the best single ground-truth concept present in
+the feature's top images (an oracle explainer: what any explanation of this feature could reach,
+so the gap from it to ``none`` is the explainer's, and from it to 1 the feature's and the maps').
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from .table import csv_table, markdown_table, normalize_category, summarize
 __all__ = ["ScoreConfig", "score", "bootstrap_ci", "derangement", "markdown_table", "summarize"]
 
 Scorer = Literal["iou", "clip", "text_similarity", "detection"]
-Baseline = Literal["random_images", "shuffled", "full_mask", "ceiling"]
+Baseline = Literal["random_images", "shuffled", "full_mask", "ceiling", "best_concept"]
 
 
 @dataclass
@@ -59,9 +62,10 @@ class ScoreConfig:
     scorers: list[Scorer] = field(default_factory=lambda: ["iou", "clip", "detection"], metadata={
         "help": "scores to compute; text_similarity is the offline stand-in for clip on shapes-world data"})
     baselines: list[Baseline] = field(
-        default_factory=lambda: ["random_images", "shuffled", "full_mask", "ceiling"],
+        default_factory=lambda: ["random_images", "shuffled", "full_mask", "ceiling", "best_concept"],
         metadata={"help": "baselines scored next to each explanation; ceiling = the IoU an ideal feature firing "
-                          "exactly on the segmented concept would reach at the model's token resolution"})
+                          "exactly on the segmented concept would reach at the model's token resolution; "
+                          "best_concept (oracle segmenter only) = the IoU of the best ground-truth concept"})
     segmenter: Literal["grounded-sam", "clipseg", "oracle"] = field(default="grounded-sam", metadata={
         "help": "phrase -> mask backend for IoU; oracle = shapes-world ground truth"})
     detector_model: str = field(default="IDEA-Research/grounding-dino-tiny",
@@ -253,6 +257,19 @@ class _Scorer:
         return value, {"n_images": n_images, "n_firing": n_firing, "firing_sampled": len(firing),
                        "nonfiring_sampled": len(areas)}
 
+    def _best_concept(self, data: "_FeatureData") -> dict | None:
+        """The ground-truth concept of the top images whose masks match the feature's maps best."""
+        candidates = sorted({name for m in data.metas for name in scene_from_meta(m).concepts})
+        best = None
+        for phrase in candidates:
+            per_image = [iou(self._segment(s, im, m, phrase), a)
+                         for s, im, m, a in zip(data.sample_ids, data.images, data.metas, data.maps)]
+            if best is None or np.mean(per_image) > best["value"]:
+                best = {"value": float(np.mean(per_image)), "per_image": per_image, "phrase": phrase}
+        if best is not None:
+            best["candidates"] = len(candidates)
+        return best
+
     def score_feature(self, feature: int) -> list[dict]:
         cfg = self.cfg
         row = self.explanations[feature]
@@ -310,6 +327,10 @@ class _Scorer:
                 per_image = [resolution_ceiling(lay, mk, binarize) for lay, mk in zip(data.layouts, masks)]
                 emit("iou", "ceiling", np.mean(per_image), per_image=per_image, phrase=phrase,
                      segmenter=cfg.segmenter, binarization={"method": cfg.binarization, "ideal_map_rule": rule})
+            if "best_concept" in cfg.baselines and cfg.segmenter == "oracle":
+                best = self._best_concept(data)
+                if best is not None:
+                    emit("iou", "best_concept", best.pop("value"), **best, **common)
             if "full_mask" in cfg.baselines:
                 per_image = [iou(self.full.segment(im, ""), a) for im, a in zip(data.images, data.maps)]
                 emit("iou", "full_mask", np.mean(per_image), per_image=per_image, **common)

@@ -24,6 +24,7 @@ COLUMNS = [
     ("iou", "shuffled", "IoU shuffled"),
     ("iou", "full_mask", "IoU full mask"),
     ("iou", "ceiling", "IoU ceiling"),
+    ("iou", "best_concept", "IoU best concept"),
     ("iou_dataset", "none", "NetDissect IoU ours"),
     ("iou_dataset", "shuffled", "NetDissect IoU shuffled"),
     ("clip", "none", "CLIP ours"),
