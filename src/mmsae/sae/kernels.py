@@ -15,12 +15,13 @@ of each active latent's decoder row with its token's output gradient, is one sam
 (``sampled_addmm``), with no gathered copy of the rows. Measured against one-shot outer
 products with ``index_add_`` and gathered rows with ``bmm`` (bench/gpu_check.py), the sparse
 products were faster on a 2-core CPU and on an H200 alike (weight gradient at d=4096: 0.9 ms
-against 10 ms on the H200)
+against 10 ms on the H200).
 
 Weight gradients of leaf parameters are added straight into ``param.grad`` (the backward then
 returns None for them): a training step allocates no fresh [n, d] gradient tensors, which on a
 busy CPU cost more in page faults than the arithmetic does. These run on CPU and GPU alike as
-plain PyTorch ops (MKL / cuSPARSE under the sparse products; no Triton needed).
+plain PyTorch ops (MKL / cuSPARSE under the sparse products; no Triton needed), and none of them
+waits for the GPU (no ``bincount`` or boolean indexing, whose output sizes the host must read).
 """
 
 from __future__ import annotations
