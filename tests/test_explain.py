@@ -213,8 +213,12 @@ def test_keyword_concepts_and_concept_replies():
 
 def test_vote_keeps_what_most_descriptions_share():
     text, concept, category, votes = vote(["A red star on the grass.", "A red star and a blue circle in the sky.",
-                                           "A small red star on the sand.", "A red square on the grass."])
-    assert (concept, category) == ("red star", "object") and "3 of 4" in text
+                                           "A small red star on the grass.", "A red star on the grass."])
+    assert (concept, category) == ("red star", "object") and "4 of 4" in text and "on the grass" in text
+    assert votes["object"] == {"star": 4, "circle": 1} and votes["scene"] == {"grass": 3, "sky": 1}
+    # the concept named most often wins: red in all four, star in three (a shape the crops suggest)
+    text, concept, category, _ = vote(["A red star.", "A red star.", "A red square.", "A red star in the sky."])
+    assert (concept, category) == ("red", "colour") and "4 of 4" in text
     assert vote(["A red circle.", "A red square.", "A red star."])[1:3] == ("red", "colour")
     assert vote(["A blue star in the sky.", "A red circle in the sky.", "A green square in the sky."])[1:3] == ("sky", "scene")
     assert vote(["A red star with a hole.", "A blue star with a hole.", "A green circle."])[1:3] == ("star hole", "part")

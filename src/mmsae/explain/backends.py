@@ -248,20 +248,23 @@ class HFExplainer(Explainer):
 
 
 DEMO_PROMPT = "Describe the image."
-DEMO_VERSION = "demo-caption-vote-v2"
+DEMO_VERSION = "demo-caption-vote-v3"
 VOTE_KINDS = ("colour", "texture", "object", "part", "scene")
 # question types of the demo model's quality check -> the description words they measure
 QUESTION_KIND = {"colour": "colour", "shape": "object", "pattern": "texture", "scene": "scene"}
 
 
 def vote(descriptions: list[str], kinds: tuple[str, ...] = VOTE_KINDS) -> tuple[str, str | None, str | None, dict]:
-    """Merge per-example descriptions: keep the attribute words a majority of them share.
+    """Merge per-example descriptions into the concept they most consistently share.
 
     Returns ``(explanation, concept, category, votes)``. Words are grouped by kind (colour,
-    texture, object, part, scene); a word wins its kind when more than half the descriptions
-    contain it. The category follows what is shared: a part, else an object (with its shared
-    colour and texture), else a texture, a colour, then a scene. ``kinds`` limits the vote to
-    those kinds of words (for a describer known to misread the others).
+    texture, object, part, scene) and each kind's most frequent word is its candidate; the
+    concept is the candidate named by the most descriptions, provided more than half name it
+    (ties go to the more specific kind: part, object, texture, colour, scene). An object takes
+    the colour and texture named at least as often, a part the object. Ranking by support rather
+    than by kind matters: five crops of a red feature may share "red" five times and, by the
+    crops' shape, "square" three times. ``kinds`` limits the vote to those kinds of words (for
+    a describer known to misread the others).
     """
     vocabularies = {"colour": concept_words.COLOUR_WORDS, "texture": concept_words.TEXTURE_WORDS - {"pattern", "patterned", "solid", "plain"},
                     "object": concept_words.OBJECT_WORDS, "part": concept_words.PART_WORDS, "scene": concept_words.SCENE_WORDS}
@@ -271,31 +274,30 @@ def vote(descriptions: list[str], kinds: tuple[str, ...] = VOTE_KINDS) -> tuple[
         words = {concept_words._SINGULAR.get(w, w) for w in concept_words._words(d)}
         for kind, vocab in vocabularies.items():
             counts[kind].update(w for w in words if w in vocab or w in {concept_words._SINGULAR.get(v, v) for v in vocab})
-    need = len(descriptions) / 2
-    shared = {k: next((w for w, c in counts[k].most_common() if c > need), None) for k in VOTE_KINDS}
     votes = {k: dict(c.most_common(3)) for k, c in counts.items() if c}
-    colour, texture, obj, part, scene = (shared[k] for k in ("colour", "texture", "object", "part", "scene"))
     n = len(descriptions)
-    if part:
-        concept, category = (f"{obj} {part}" if obj else part), "part"
-    elif obj:
-        concept, category = " ".join(w for w in (colour, texture, obj) if w), "object"
-    elif texture:
-        concept, category = texture, "texture"
-    elif colour:
-        concept, category = colour, "colour"
-    elif scene:
-        concept, category = scene, "scene"
-    else:
-        top = max(((w, c, k) for k in VOTE_KINDS for w, c in counts[k].items()), key=lambda t: t[1], default=None)
-        if top is None:
+    best = {k: counts[k].most_common(1)[0] if counts[k] else (None, 0) for k in VOTE_KINDS}
+    specificity = ("part", "object", "texture", "colour", "scene")
+    category = max(specificity, key=lambda k: (best[k][1], -specificity.index(k)))
+    defining, support = best[category]
+    if support <= n / 2:
+        if defining is None:
             return "No shared concept: the descriptions name nothing in common.", None, None, votes
-        w, c, k = top
         # no majority: the text says what came closest, but no concept is claimed
-        return f"No shared concept; closest: {w} (named in {c} of {n} descriptions).", None, None, votes
-    defining = {"part": part, "object": obj, "texture": texture, "colour": colour, "scene": scene}[category]
-    support = counts[category][defining]
-    explanation = f"The highlighted regions show {concept}" + (f" {_scene_phrase(scene)}" if scene and category != "scene" else "")
+        return f"No shared concept; closest: {defining} (named in {support} of {n} descriptions).", None, None, votes
+
+    def along(kind: str) -> str | None:  # a word of another kind named at least as often
+        word, count = best[kind]
+        return word if count >= support else None
+
+    if category == "part":
+        concept = " ".join(w for w in (along("object"), defining) if w)
+    elif category == "object":
+        concept = " ".join(w for w in (along("colour"), along("texture"), defining) if w)
+    else:
+        concept = defining
+    scene = best["scene"][0] if best["scene"][1] > n / 2 and category != "scene" else None
+    explanation = f"The highlighted regions show {concept}" + (f" {_scene_phrase(scene)}" if scene else "")
     return f"{explanation} (shared by {support} of {n} example descriptions).", concept, category, votes
 
 
