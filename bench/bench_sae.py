@@ -3,6 +3,7 @@
     bash bench/setup_sparsify.sh            # once: bench/.venv-sparsify with eai-sparsify
     python bench/bench_sae.py               # GPT-2-small shape and a LLaVA-like shape
     python bench/bench_sae.py --shapes 768x24576x32 --batch 2048 --rounds 5
+    python bench/bench_sae.py --device cuda --batch 4096 --bf16   # on a GPU (sparsify on the GPU too)
 
 For each shape (d x n x k) it times, interleaved round by round so that a shared machine's load
 hits all three alike:
