@@ -151,10 +151,26 @@ def test_resolution_ceiling_hand_computed():
     mask = box(size, size, 0, 5, 0, 5) | box(size, size, 5, 8, 5, 7)  # one full cell + 6 px of the next
     cov = token_coverage(layout, mask).reshape(g, g)
     assert cov[0, 0] == 1.0 and cov[1, 1] == pytest.approx(6 / 25) and cov.sum() == pytest.approx(1 + 6 / 25)
-    # '> 0' keeps both cells (50 px) around the 31 px mask; '> half the max' keeps only the full cell
-    assert resolution_ceiling(layout, mask, lambda h: h > 0) == pytest.approx(31 / 50)
-    assert resolution_ceiling(layout, mask, lambda h: h > 0.5 * h.max()) == pytest.approx(25 / 31)
-    assert resolution_ceiling(layout, None, lambda h: h > 0) == 0.0
+    # both cells: 31 / 50; the full cell alone: 25 / 31, the better one
+    assert resolution_ceiling(layout, mask) == pytest.approx(25 / 31)
+    assert resolution_ceiling(layout, None) == 0.0
+    assert resolution_ceiling(layout, np.zeros((size, size), dtype=bool)) == 0.0
+    # no union of cells beats it: brute force over every set of the cells a random mask touches
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        mask = np.zeros((size, size), dtype=bool)
+        y, x = rng.integers(0, 12, 2)
+        mask[y:y + rng.integers(4, 9), x:x + rng.integers(4, 9)] = True
+        mask &= rng.random((size, size)) < 0.8
+        cells = [(r, c) for r in range(g) for c in range(g) if mask[5 * r:5 * r + 5, 5 * c:5 * c + 5].any()]
+        best = 0.0
+        for bits in range(1, 2 ** len(cells)):
+            chosen = np.zeros((size, size), dtype=bool)
+            for j, (r, c) in enumerate(cells):
+                if bits >> j & 1:
+                    chosen[5 * r:5 * r + 5, 5 * c:5 * c + 5] = True
+            best = max(best, (mask & chosen).sum() / (mask | chosen).sum())
+        assert resolution_ceiling(layout, mask) == pytest.approx(best)
 
 
 def test_netdissect_estimate_hand_computed():

@@ -99,12 +99,14 @@ def test_score_end_to_end(run, capsys):
     assert total[("iou", "shuffled")]["mean"] < 0.15
     assert total[("iou", "random_images")]["mean"] < total[("iou", "none")]["mean"] - 0.3
     assert total[("iou", "full_mask")]["mean"] < total[("iou", "none")]["mean"]
-    # these features fire exactly on their concept's coverage of each cell: they reach the ceiling
+    # these features fire on their concept's coverage of each cell: the ceiling (the best threshold
+    # of that coverage) bounds them, and their '> 0' maps fall short of it where cells are partly covered
     ceiling = {r["feature"]: r["value"] for r in read_jsonl(run / "scores.jsonl")
                if r["scorer"] == "iou" and r["baseline"] == "ceiling"}
     ours = {r["feature"]: r["value"] for r in read_jsonl(run / "scores.jsonl")
             if r["scorer"] == "iou" and r["baseline"] == "none"}
-    assert ceiling.keys() == ours.keys() and all(abs(ceiling[f] - ours[f]) < 1e-9 for f in ours)
+    assert ceiling.keys() == ours.keys() and all(ceiling[f] >= ours[f] - 1e-9 for f in ours)
+    assert np.mean(list(ceiling.values())) > np.mean(list(ours.values())) + 0.05
     assert 0 < total[("iou_dataset", "shuffled")]["mean"] < total[("iou_dataset", "none")]["mean"] <= 1
     nd = [r for r in rows if r["scorer"] == "iou_dataset" and r["baseline"] == "none"]
     assert all(r["details"]["firing_sampled"] > 0 and r["details"]["nonfiring_sampled"] > 0 for r in nd)

@@ -18,8 +18,8 @@ Per feature, with its top ``top`` images and their binarised activation maps:
 Baselines: ``random_images`` (the paper's: the explanation and the feature's maps on random other
 images), ``shuffled`` (another feature's explanation, by a seeded derangement) and, for IoU,
 ``full_mask`` (the whole image as the mask). Two upper bounds sit beside them, for IoU:
-``ceiling``, the IoU of a feature that fires exactly on the segmented concept, seen through the
-model's token grid and the same binarisation (what resolution and binarisation alone cost), and,
+``ceiling``, the best IoU any map at the model's token resolution reaches against the segmented
+concept (the concept's coverage per token, at its best threshold: what resolution alone costs), and,
 on the shapes world, ``best_concept``, the IoU of the best single ground-truth concept present in
 the feature's top images (an oracle explainer: what any explanation of this feature could reach,
 so the gap from it to ``none`` is the explainer's, and from it to 1 the feature's and the maps').
@@ -63,8 +63,8 @@ class ScoreConfig:
         "help": "scores to compute; text_similarity is the offline stand-in for clip on shapes-world data"})
     baselines: list[Baseline] = field(
         default_factory=lambda: ["random_images", "shuffled", "full_mask", "ceiling", "best_concept"],
-        metadata={"help": "baselines scored next to each explanation; ceiling = the IoU an ideal feature firing "
-                          "exactly on the segmented concept would reach at the model's token resolution; "
+        metadata={"help": "baselines scored next to each explanation; ceiling = the best IoU any map at the model's "
+                          "token resolution reaches on the segmented concept; "
                           "best_concept (oracle segmenter only) = the IoU of the best ground-truth concept"})
     segmenter: Literal["grounded-sam", "clipseg", "oracle"] = field(default="grounded-sam", metadata={
         "help": "phrase -> mask backend for IoU; oracle = shapes-world ground truth"})
@@ -156,14 +156,6 @@ class _FeatureData:
         for e in examples:
             mask, self.binarization = binarize_example(e, index, cfg.binarization, cfg.quantile, cfg.fraction)
             self.maps.append(np.asarray(mask, dtype=bool))
-
-
-def _ideal_binarizer(cfg: ScoreConfig):
-    """How the ideal map of the ceiling baseline is binarised, mirroring cfg.binarization."""
-    if cfg.binarization == "fraction":
-        return (lambda h: h > cfg.fraction * h.max(initial=0.0)), f"coverage > {cfg.fraction} x its max"
-    # paper, and quantile (an ideal map has no dataset quantile): any coverage counts
-    return (lambda h: h > 0), "coverage > 0"
 
 
 def _make_judge(cfg: ScoreConfig, index, clip):
@@ -323,10 +315,9 @@ class _Scorer:
             if "ceiling" in cfg.baselines:
                 phrase = texts["none"][1]
                 masks = [self._masks[(s, phrase)] for s in data.sample_ids]
-                binarize, rule = _ideal_binarizer(cfg)
-                per_image = [resolution_ceiling(lay, mk, binarize) for lay, mk in zip(data.layouts, masks)]
-                emit("iou", "ceiling", np.mean(per_image), per_image=per_image, phrase=phrase,
-                     segmenter=cfg.segmenter, binarization={"method": cfg.binarization, "ideal_map_rule": rule})
+                per_image = [resolution_ceiling(lay, mk) for lay, mk in zip(data.layouts, masks)]
+                emit("iou", "ceiling", np.mean(per_image), per_image=per_image, phrase=phrase, segmenter=cfg.segmenter,
+                     binarization={"method": "best threshold of the concept's coverage per token"})
             if "best_concept" in cfg.baselines and cfg.segmenter == "oracle":
                 best = self._best_concept(data)
                 if best is not None:

@@ -97,16 +97,30 @@ def token_coverage(layout, mask: np.ndarray) -> np.ndarray:
     return values
 
 
-def resolution_ceiling(layout, mask: np.ndarray | None, binarize) -> float:
-    """IoU of ``mask`` with an ideal feature map (``mask``'s coverage per token), binarised.
+def resolution_ceiling(layout, mask: np.ndarray | None) -> float:
+    """The best IoU any feature map at the model's token resolution can reach against ``mask``.
 
-    The best IoU any feature could reach on this image at the model's token resolution with this
-    binarisation, given the segmentation: it separates the limit set by resolution and
-    binarisation from what the SAE and the explainer lose. ``binarize(heatmap) -> bool mask``.
+    A binarised feature map is a union of token cells. Adding a cell with ``a`` mask pixels and
+    ``b`` others raises IoU = I/U exactly when a/b > I/U, that is when the cell's covered
+    fraction exceeds IoU / (1 + IoU); so the best union keeps every cell covered above some
+    threshold, and the ceiling is the best IoU over thresholds of the mask's own coverage per
+    token. Whatever the binarisation, no feature scores above it on this image and segmentation,
+    which separates what resolution costs from what the SAE and the explainer lose.
     """
     from ..models.base import image_heatmap
 
     if mask is None:
         return 0.0
-    ideal = binarize(image_heatmap(layout, token_coverage(layout, mask)))
-    return iou(mask, ideal)
+    width, height = layout.image_size
+    mask = fit_mask(mask, (height, width))
+    if not mask.any():
+        return 0.0
+    heat = image_heatmap(layout, token_coverage(layout, mask)).reshape(-1)
+    levels, level_of = np.unique(heat, return_inverse=True)  # ascending
+    inside = np.bincount(level_of.reshape(-1), weights=mask.reshape(-1), minlength=len(levels))
+    pixels = np.bincount(level_of.reshape(-1), minlength=len(levels))
+    # keeping every pixel at or above each level, from the highest level down
+    inter = np.cumsum(inside[::-1])[::-1]
+    union = mask.sum() + np.cumsum(pixels[::-1])[::-1] - inter
+    positive = levels > 0
+    return float((inter[positive] / union[positive]).max())
