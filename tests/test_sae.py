@@ -64,6 +64,23 @@ def test_sparse_kernel_gradients_equal_dense_float64_reference():
         assert torch.allclose(mine, ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_kernels_take_half_precision_weights(dtype):
+    torch.manual_seed(2)
+    B, d, n, k = 6, 8, 30, 3
+    leaves = [torch.randn(shape).to(dtype).requires_grad_() for shape in ((B, d), (n, d), (n,), (n, d))]
+    values, indices = sparse_encode(*leaves[:3], k)
+    sparse_decode(values.relu(), indices, leaves[3]).float().pow(2).sum().backward()
+    # the same in float32 from the same (rounded) numbers, with the same active set
+    ref = [t.detach().float().requires_grad_() for t in leaves]
+    pre = ref[0] @ ref[1].T + ref[2]
+    mask = torch.zeros_like(pre).scatter(1, indices, 1.0)
+    ((pre.relu() * mask) @ ref[3]).pow(2).sum().backward()
+    for mine, theirs in zip(leaves, ref):
+        assert mine.grad.dtype == dtype
+        assert torch.allclose(mine.grad.float(), theirs.grad, rtol=0.05, atol=0.05 * float(theirs.grad.abs().max()))
+
+
 # --- the model ---------------------------------------------------------------------------------
 
 

@@ -65,15 +65,25 @@ class ActiveSet:
 
     def add_weight_grad(self, target: torch.Tensor, coeffs: torch.Tensor, vectors: torch.Tensor) -> None:
         """target[indices[b, j]] += coeffs[b, j] * vectors[b] for every active pair."""
-        target.addmm_(self._matrix(coeffs.to(target.dtype)), vectors.to(target.dtype))
+        dtype = _sparse_dtype(target.dtype)
+        into = target if dtype == target.dtype else torch.zeros_like(target, dtype=dtype)
+        into.addmm_(self._matrix(coeffs.to(dtype)), vectors.to(dtype))
+        if into is not target:
+            target.add_(into.to(target.dtype))
 
     def row_dots(self, weight: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """[B, k]: weight[indices[b, j]] . vectors[b] for every active pair."""
-        pattern = self._matrix(torch.zeros(self.order.numel(), dtype=weight.dtype, device=weight.device))
-        sampled = torch.sparse.sampled_addmm(pattern, weight, vectors.to(weight.dtype).t(), beta=0).values()
+        dtype = _sparse_dtype(weight.dtype)
+        pattern = self._matrix(torch.zeros(self.order.numel(), dtype=dtype, device=weight.device))
+        sampled = torch.sparse.sampled_addmm(pattern, weight.to(dtype), vectors.to(dtype).t(), beta=0).values()
         out = torch.empty_like(sampled)
         out[self.order] = sampled
-        return out.view(self.shape[1], self.shape[2])
+        return out.view(self.shape[1], self.shape[2]).to(weight.dtype)
+
+
+def _sparse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The sparse products take float32 and float64 only: half-precision weights go through float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def topk_preactivations(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
