@@ -6,7 +6,8 @@ yields results as they complete, so the pipeline writes each one at once and an 
 loses only the requests in flight.
 
 - :class:`OpenAIExplainer`: any OpenAI-compatible chat endpoint with image input, with a
-  concurrency limit (daemon worker threads: Ctrl-C returns at once).
+  concurrency limit (worker threads that are cancelled and joined when the run stops, so Ctrl-C
+  returns at once and no thread is left running at exit).
 - :class:`HFExplainer`: a local transformers image-text-to-text model through
   ``mmsae.models.load_adapter``, batched; the top images go as one montage image, so any
   single-image model family works.
@@ -29,7 +30,7 @@ from PIL import Image
 
 from ..errors import MmsaeError
 from . import concepts as concept_words
-from .openai_client import FatalRequestError, OpenAIClient, user_message
+from .openai_client import FatalRequestError, OpenAIClient, TransientRequestError, user_message
 from .prompts import CONCEPT_TEMPLATE
 
 
@@ -102,11 +103,17 @@ class Explainer:
         pass
 
 
-def threaded(items: Iterable, fn: Callable, concurrency: int) -> Iterator[tuple[object, object]]:
-    """Apply ``fn`` on ``concurrency`` daemon threads; yield ``(item, result or exception)`` as done.
+def threaded(items: Iterable, fn: Callable, concurrency: int,
+             cancel: Callable[[], None] | None = None) -> Iterator[tuple[object, object]]:
+    """Apply ``fn`` on ``concurrency`` threads; yield ``(item, result or exception)`` as done.
 
     At most ``2 * concurrency`` items are taken from ``items`` ahead of the results, so a lazy
-    iterable (rendering images) is consumed as the work proceeds.
+    iterable (rendering images) is consumed as the work proceeds. When the caller stops early
+    (an error, Ctrl-C, ``close()``), queued items are dropped and ``cancel`` cuts the calls in
+    flight short. Either way the workers are joined before this returns: a thread still inside
+    torch when the interpreter exits aborts the process ("terminate called without an active
+    exception"), and the threads are not daemons, so even an interrupted join cannot leave one
+    to be killed at exit.
     """
     inbox: queue.Queue = queue.Queue()
     outbox: queue.Queue = queue.Queue()
@@ -122,10 +129,10 @@ def threaded(items: Iterable, fn: Callable, concurrency: int) -> Iterator[tuple[
                 result = e
             outbox.put((item, result))
 
-    threads = [threading.Thread(target=worker, daemon=True, name=f"explain-{i}") for i in range(concurrency)]
+    threads = [threading.Thread(target=worker, name=f"explain-{i}") for i in range(concurrency)]
     for t in threads:
         t.start()
-    source, pending, exhausted = iter(items), 0, False
+    source, pending, exhausted, finished = iter(items), 0, False, False
     try:
         while True:
             while not exhausted and pending < 2 * concurrency:
@@ -135,6 +142,7 @@ def threaded(items: Iterable, fn: Callable, concurrency: int) -> Iterator[tuple[
                 except StopIteration:
                     exhausted = True
             if pending == 0:
+                finished = True
                 return
             while True:
                 try:
@@ -145,14 +153,18 @@ def threaded(items: Iterable, fn: Callable, concurrency: int) -> Iterator[tuple[
             pending -= 1
             yield item, result
     finally:
-        # drop queued work; requests in flight finish on their daemon threads and are ignored
+        # drop queued work, cut the calls in flight short (their results are ignored), wait for the workers
         while True:
             try:
                 inbox.get_nowait()
             except queue.Empty:
                 break
+        if not finished and cancel is not None:
+            cancel()
         for _ in threads:
             inbox.put(_STOP)
+        for t in threads:
+            t.join()
 
 
 _STOP = object()
@@ -184,11 +196,25 @@ class OpenAIExplainer(Explainer):
             request = make_request(f)
             return request, self._one(request, concepts)
 
-        for f, outcome in threaded(features, work, self.concurrency):
-            if isinstance(outcome, BaseException):
-                yield f, None, outcome
-            else:
-                yield f, outcome[0], outcome[1]
+        # an endpoint that answers every request with an error (a proxy before a dead server says 502)
+        # would otherwise cost the whole retry budget for every feature: hours, for a large index
+        give_up, failed_in_a_row = max(10, 2 * self.concurrency), 0
+        results = threaded(features, work, self.concurrency, cancel=self.client.close)
+        try:
+            for f, outcome in results:
+                failed_in_a_row = failed_in_a_row + 1 if isinstance(outcome, TransientRequestError) else 0
+                if failed_in_a_row == give_up:
+                    raise FatalRequestError(f"{give_up} features in a row failed after retries (last: {outcome}); "
+                                            f"{self.client.base_url} seems down; stopped, rerun to retry the rest")
+                if isinstance(outcome, BaseException):
+                    yield f, None, outcome
+                else:
+                    yield f, outcome[0], outcome[1]
+        finally:
+            results.close()  # now, not when garbage-collected: cancels and joins the workers
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def montage(images: list[Image.Image], tile: int = 336, gap: int = 8) -> Image.Image:
