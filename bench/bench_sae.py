@@ -6,10 +6,12 @@
     python bench/bench_sae.py --device cuda --batch 4096 --bf16   # on a GPU (sparsify on the GPU too)
 
 For each shape (d x n x k) it times, interleaved round by round so that a shared machine's load
-hits all three alike:
+hits them all alike:
   * ceiling: a plain [batch, d] x [d, n] matmul (2*d*n FLOPs per token, into a reused buffer);
   * mmsae:   one full training step (encode, decode, FVU loss, backward, decoder-gradient
              projection, Adam, decoder renormalisation) through ``mmsae.sae.train``;
+  * mmsae matryoshka: the same step with Matryoshka groups (``--matryoshka-fractions``): the
+             loss over every prefix of the groups (its step time / TopK's is printed);
   * sparsify: ``SparseCoder`` forward (FVU loss), backward, the same projection, Adam and
              renormalisation, in its own environment (a worker process fed over a pipe).
 It prints tokens/s (median over rounds) and the ratios mmsae/sparsify and mmsae/ceiling.
@@ -31,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from mmsae.sae.model import SaeConfig, SparseAutoencoder  # noqa: E402
-from mmsae.sae.train import SaeTrainingStep, TrainConfig, _train_step, make_optimizer  # noqa: E402
+from mmsae.sae.train import SaeTrainingStep, TrainConfig, _train_step, make_optimizer, matryoshka_group_sizes  # noqa: E402
 
 SPARSIFY_WORKER = r"""
 import json, sys, time, torch
@@ -97,9 +99,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_mmsae_step(d: int, n: int, k: int, batch: int, autocast: bool, device: torch.device):
+def make_mmsae_step(d: int, n: int, k: int, batch: int, autocast: bool, device: torch.device, groups: list[int] | None = None):
     torch.manual_seed(0)
-    sae = SparseAutoencoder(SaeConfig(d_in=d, num_latents=n, k=k), device=device)
+    sae = SparseAutoencoder(SaeConfig(d_in=d, num_latents=n, k=k, matryoshka_groups=groups), device=device)
     cfg = TrainConfig(out="unused", k=k, batch_size=batch, dead_tokens=10**12, autocast=autocast, device=str(device))
     model = SaeTrainingStep(sae, cfg)
     opt = make_optimizer(sae, 1e-4)
@@ -141,6 +143,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round and method")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bf16", action="store_true", help="also time mmsae with the bf16 encoder matmul (--autocast)")
+    parser.add_argument("--matryoshka-fractions", default="0.03125,0.0625,0.125,0.25,0.53125",
+                        help="groups of the Matryoshka step (timed beside the TopK step: same selection, prefix losses added)")
     parser.add_argument("--sparsify-python", default=str(HERE / ".venv-sparsify" / "bin" / "python"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the ceiling's matmul is float32: TF32 off unless --tf32)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPU (all three methods)")
@@ -156,7 +160,9 @@ def main() -> None:
     results = []
     for shape in args.shapes.split(","):
         d, n, k = (int(v) for v in shape.split("x"))
-        methods = {"ceiling (matmul)": make_matmul(d, n, args.batch, device), "mmsae": make_mmsae_step(d, n, k, args.batch, False, device)}
+        groups = matryoshka_group_sizes(TrainConfig(out="unused", matryoshka_fractions=[float(f) for f in args.matryoshka_fractions.split(",")]), n)
+        methods = {"ceiling (matmul)": make_matmul(d, n, args.batch, device), "mmsae": make_mmsae_step(d, n, k, args.batch, False, device),
+                   "mmsae matryoshka": make_mmsae_step(d, n, k, args.batch, False, device, groups)}
         if args.bf16:
             methods["mmsae bf16"] = make_mmsae_step(d, n, k, args.batch, True, device)
         if worker is not None:
@@ -177,7 +183,8 @@ def main() -> None:
             worker.call(op="free")
         rate = {name: statistics.median(v) for name, v in times.items()}
         row = {"d": d, "n": n, "k": k, "batch": args.batch, "threads": threads, "device": str(device), "tokens_per_s": rate,
-               "rounds": times, "mmsae_vs_ceiling": rate["mmsae"] / rate["ceiling (matmul)"]}
+               "rounds": times, "mmsae_vs_ceiling": rate["mmsae"] / rate["ceiling (matmul)"],
+               "matryoshka_groups": groups, "matryoshka_step_vs_topk": rate["mmsae"] / rate["mmsae matryoshka"]}
         if "sparsify" in rate:
             row["mmsae_vs_sparsify"] = rate["mmsae"] / rate["sparsify"]
         results.append(row)
@@ -186,6 +193,7 @@ def main() -> None:
             spread = f"{min(times[name]):.0f}-{max(times[name]):.0f}"
             print(f"  {name:<18} {value:10.0f} tokens/s   (rounds: {spread})")
         print(f"  mmsae / ceiling    {row['mmsae_vs_ceiling']:.2f}   (target >= 0.60)")
+        print(f"  matryoshka step / topk step {row['matryoshka_step_vs_topk']:.2f}x  (target <= 1.3x; {len(groups)} groups)")
         if "mmsae_vs_sparsify" in row:
             print(f"  mmsae / sparsify   {row['mmsae_vs_sparsify']:.2f}x  (target >= 1.5x)")
         del methods

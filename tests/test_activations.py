@@ -221,7 +221,7 @@ def test_disk_full_keeps_completed_shards_and_resumes(tmp_path, text_jsonl, monk
         real_save(path, *args, **kw)
 
     monkeypatch.setattr(activations, "save_tensors", full_disk)
-    with pytest.raises(MmsaeError, match=r"disk full .*shard-0-00002.*2 shards .* kept.*rerun"):
+    with pytest.raises(MmsaeError, match=r"no space left .*shard-0-00002.*free space and rerun"):
         run(tmp_path, "llama", text_jsonl, name="full", **kwargs)
     assert sorted(p.name for p in (tmp_path / "full").glob("shard-*")) == ["shard-0-00000.safetensors", "shard-0-00001.safetensors"]
     monkeypatch.setattr(activations, "save_tensors", real_save)

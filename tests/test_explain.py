@@ -65,7 +65,8 @@ def test_openai_explains_every_feature(index, tmp_path):
         assert (r["concept"], r["category"]) == ("red star", "object")
         assert r["backend"] == "openai" and r["model"] == "fake-vlm" and r["prompt_version"] == DEFAULT_VERSION
         assert r["evidence"] == [e.sample_id for e in index.top_examples(r["feature"], 5)]
-        assert r["binarization"] == {"method": "paper", "threshold": 0.0} and r["index_fingerprint"] == "abc"
+        assert r["binarization"] == {"method": "paper", "threshold": 0.0} and r["sae_fingerprint"] == "abc"
+        assert r["index_fingerprint"] == index.fingerprint != "abc"
     # one explanation (5 images) and one concept request (text only) per feature
     assert sorted(n for _, n in server.log) == [0] * N_FEATURES + [5] * N_FEATURES
 

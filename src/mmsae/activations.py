@@ -15,7 +15,6 @@ stream of float32 batches that holds only a few shards in memory at a time.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import math
 import os
 import queue
@@ -31,10 +30,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .config import check_config
 from .data import Sample
 from .data.sources import DEFAULT_PROMPT, open_source
 from .errors import MmsaeError
-from .io import ensure_dir, read_json, save_tensors, write_json
+from .exclusion import TokenExclusion
+from .io import claim_dir, is_no_space, no_space_error, read_json, save_tensors, write_json
 
 FORMAT = "mmsae-activations"
 VERSION = 1
@@ -43,7 +44,7 @@ METADATA_KEYS = ("sample", "pos", "is_image", "tile", "row", "col")
 TokenKind = Literal["all", "image", "text"]
 # Settings that change what a store holds; a resumed run must use the same ones.
 _RESUME_KEYS = ("model", "layer", "data", "tokens", "max_tokens", "max_samples", "dtype", "model_dtype",
-                "prompt", "split", "image_column", "text_column", "shard_size")
+                "prompt", "split", "image_column", "text_column", "shard_size", "exclude_token_ids", "exclude_norm_above")
 
 
 @dataclass
@@ -51,22 +52,28 @@ class HarvestConfig:
     """What ``mmsae harvest`` runs: one model layer over one data source, into one store folder."""
 
     model: str = field(metadata={"help": "model hub id or local path"})
-    layer: int = field(metadata={"help": "decoder layer whose output (the residual stream) is stored, 0-based"})
+    layer: int = field(metadata={"help": "decoder layer whose output (the residual stream) is stored, 0-based", "min": 0})
     data: str = field(metadata={"help": "image folder, .jsonl of {image, text}, Hugging Face dataset (name or path) or shapes:N[:SEED]"})
     out: str = field(metadata={"help": "store folder (created; rerun the same command to resume)"})
     tokens: Literal["all", "image", "text"] = field(default="all", metadata={"help": "which tokens to keep"})
-    max_tokens: Optional[int] = field(default=None, metadata={"help": "stop after this many tokens (over all ranks)"})
-    max_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N samples of the source"})
+    max_tokens: Optional[int] = field(default=None, metadata={"help": "stop after this many tokens (over all ranks)", "min": 1})
+    max_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N samples of the source", "min": 1})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "dtype the activations are stored in"})
     model_dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "dtype the model runs in"})
-    batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
+    batch_size: int = field(default=8, metadata={"help": "samples per forward pass", "min": 1})
     device: str = field(default="auto", metadata={"help": "torch device; auto = this rank's GPU if any, else cpu"})
     prompt: str = field(default=DEFAULT_PROMPT, metadata={"help": "text for samples that have none (image-only sources)"})
     split: str = field(default="train", metadata={"help": "dataset split"})
     image_column: Optional[str] = field(default=None, metadata={"help": "dataset image column (default: detected)"})
     text_column: Optional[str] = field(default=None, metadata={"help": "dataset text column (default: detected)"})
-    shard_size: int = field(default=32768, metadata={"help": "tokens per shard (shards end at sample boundaries)"})
+    shard_size: int = field(default=32768, metadata={"help": "tokens per shard (shards end at sample boundaries)", "min": 1})
+    exclude_token_ids: Optional[list[int]] = field(default=None, metadata={"help": "leave out tokens with these ids (e.g. BOS); recorded in manifest.json", "min": 0})
+    exclude_norm_above: Optional[float] = field(default=None, metadata={"help": "leave out tokens whose norm is above this multiple of their sequence's median token norm (attention sinks; e.g. 10)", "gt": 1})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code from the hub"})
+    overwrite: bool = field(default=False, metadata={"help": "write into an --out folder that holds other files (they are kept)"})
+
+    def __post_init__(self):
+        check_config(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,16 +87,20 @@ def harvest(cfg: HarvestConfig) -> ActivationStore:
     Resumable: rerunning with the same config continues after the last complete shard. Under
     ``torchrun`` every rank writes its own shards; rank 0 writes the final manifest.
     """
-    _check_config(cfg)
     rank, world, own_group = _init_distributed()
     try:
-        out = ensure_dir(cfg.out)
+        out = claim_dir(cfg.out, "harvest", cfg.overwrite, legacy=_is_store_folder)
         progress = _start_progress(out, cfg, rank, world)
         if not progress["done"]:
             _harvest_rank(cfg, out, progress, rank, world)
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
         if rank == 0:
+            merged = _merge_progress(out)
+            if merged["complete"] and merged["stats"]["n_tokens"] == 0:  # (one process stops earlier, in _harvest_rank)
+                if merged["stats"]["n_excluded"]:
+                    TokenExclusion.of(cfg).check_kept(0, f"data {cfg.data}")
+                raise MmsaeError(f"data {cfg.data} gave no tokens to store; fix the data or choose another --data")
             manifest = _write_manifest(out)
             if manifest["complete"]:
                 stats = manifest["stats"]
@@ -100,15 +111,6 @@ def harvest(cfg: HarvestConfig) -> ActivationStore:
         if own_group:
             torch.distributed.destroy_process_group()
     return ActivationStore(out)
-
-
-def _check_config(cfg: HarvestConfig) -> None:
-    for name in ("batch_size", "shard_size"):
-        if getattr(cfg, name) < 1:
-            raise MmsaeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    for name in ("max_tokens", "max_samples"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise MmsaeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
 
 
 def _init_distributed() -> tuple[int, int, bool]:
@@ -157,8 +159,32 @@ def _start_progress(out: Path, cfg: HarvestConfig, rank: int, world: int) -> dic
     for leftover in list(out.glob(f"shard-{rank}-*.safetensors")) + list(out.glob(f".shard-{rank}-*.tmp")) \
             + list(out.glob(f".progress-{rank}.json.*.tmp")):
         if leftover.name not in recorded:
+            if leftover.name.startswith("shard-") and not _is_own_shard(leftover):
+                raise MmsaeError(f"{leftover} is not a shard mmsae wrote; move it away or choose a new --out")
             leftover.unlink()
     return progress
+
+
+def _is_own_shard(path: Path) -> bool:
+    """Whether ``path`` is a shard a harvest wrote (its safetensors metadata names the store format)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # safetensors raises its own error types for files that are not safetensors
+        return False
+
+
+def _is_store_folder(path: Path) -> bool:
+    """A store folder a harvest wrote before output folders were marked (for ``claim_dir``)."""
+    if any(path.glob("progress-*.json")):
+        return True
+    try:
+        manifest = read_json(path / "manifest.json")
+    except MmsaeError:  # none, or not JSON
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
 def _device(requested: str) -> str:
@@ -220,9 +246,9 @@ class _ShardWriter:
         try:
             write()
         except OSError as e:
+            if is_no_space(e):  # (mmsae.io's writers already raise this one as an MmsaeError)
+                raise no_space_error(self.out / name) from e
             kept = f"{len(self.progress['shards'])} shards ({self.progress['n_tokens']} tokens) kept"
-            if e.errno == errno.ENOSPC:
-                raise MmsaeError(f"disk full while writing {self.out / name}: {kept}; free space and rerun the same command to resume") from e
             raise MmsaeError(f"cannot write {self.out / name}: {e.strerror or e}; {kept}; fix the folder and rerun to resume") from e
 
 
@@ -272,9 +298,11 @@ def _batched(samples: Iterator[Sample], adapter, batch_size: int) -> Iterator[tu
         yield batch, adapter.build_inputs([s.image for s in batch], [s.text for s in batch])
 
 
-def _token_rows(hidden: torch.Tensor, batch: list[Sample], layouts, tokens: str, store_dtype: torch.dtype) -> list[dict]:
-    """Per sample, the kept tokens' activations (moved to CPU in the store dtype) and metadata."""
-    flat_index, metas = [], []
+def _token_rows(hidden: torch.Tensor, batch: list[Sample], layouts, tokens: str, store_dtype: torch.dtype,
+                input_ids: torch.Tensor | None = None, rule: TokenExclusion = TokenExclusion()) -> list[tuple[dict, int]]:
+    """Per sample, the kept tokens' activations (moved to CPU in the store dtype) and metadata,
+    and how many tokens of the wanted kind ``rule`` left out."""
+    flat_index, metas, excluded = [], [], []
     seq_len = hidden.shape[1]
     for i, (sample, layout) in enumerate(zip(batch, layouts)):
         image_pos = layout.positions.cpu().long()
@@ -287,16 +315,27 @@ def _token_rows(hidden: torch.Tensor, batch: list[Sample], layouts, tokens: str,
             grid[:, :n_img] = torch.stack([layout.tile.cpu(), layout.row.cpu(), layout.col.cpu()])
         order = torch.argsort(pos)
         pos, is_image, grid = pos[order], is_image[order], grid[:, order]
+        if rule:  # the median norm is the whole sequence's (image and text), whichever kind is kept
+            real = torch.cat([image_pos, text_pos])
+            keep_at = torch.ones(seq_len, dtype=torch.bool)
+            keep_at[real] = rule.keep(hidden[i, real.to(hidden.device)].float().norm(dim=-1).cpu(), None,
+                                      input_ids[i, real.to(input_ids.device)].cpu() if input_ids is not None else None)
+            keep = keep_at[pos]
+            pos, is_image, grid = pos[keep], is_image[keep], grid[:, keep]
+        excluded.append(len(order) - len(pos))
         flat_index.append(pos + i * seq_len)
-        metas.append({"sample": torch.full((len(pos),), sample.id, dtype=torch.int64), "pos": pos.to(torch.int32),
-                      "is_image": is_image, "tile": grid[0].to(torch.int16), "row": grid[1].to(torch.int16),
-                      "col": grid[2].to(torch.int16)})
+        meta = {"sample": torch.full((len(pos),), sample.id, dtype=torch.int64), "pos": pos.to(torch.int32),
+                "is_image": is_image, "tile": grid[0].to(torch.int16), "row": grid[1].to(torch.int16),
+                "col": grid[2].to(torch.int16)}
+        if input_ids is not None:
+            meta["token"] = input_ids[i, pos.to(input_ids.device)].cpu().to(torch.int32)
+        metas.append(meta)
     index = torch.cat(flat_index).to(hidden.device)
     acts = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index).to("cpu", store_dtype)
     rows, start = [], 0
-    for meta in metas:
+    for meta, n_excluded in zip(metas, excluded):
         n = len(meta["sample"])
-        rows.append({"acts": acts[start:start + n], **meta})
+        rows.append(({"acts": acts[start:start + n], **meta}, n_excluded))
         start += n
     return rows
 
@@ -316,8 +355,11 @@ def _harvest_rank(cfg: HarvestConfig, out: Path, progress: dict, rank: int, worl
     if cfg.max_tokens is not None:
         budget = cfg.max_tokens // world + (rank < cfg.max_tokens % world)
     writer = _ShardWriter(out, progress, STORE_DTYPES[cfg.dtype])
+    rule = TokenExclusion.of(cfg)
     progress["hook_point"], progress["d"] = adapter.hook_point(cfg.layer), adapter.hidden_size
     progress["source"] = source.spec
+    if source.num_samples == 0:
+        raise MmsaeError(f"data {cfg.data} holds no samples; give --data a source with samples")
 
     stop = cfg.max_samples if cfg.max_samples is not None else source.num_samples
     total = None if stop is None else len(range(rank, stop, world))
@@ -331,13 +373,23 @@ def _harvest_rank(cfg: HarvestConfig, out: Path, progress: dict, rank: int, worl
     seconds: dict[str, float] = {"data": 0.0, "model": 0.0, "store": 0.0}
     session_tokens, t_start = 0, time.perf_counter()
     done = False
+    warned_text_only = False
     try:
         t0 = time.perf_counter()
         for batch, model_inputs in _prefetch(_batched(samples, adapter, cfg.batch_size)):
             t1 = time.perf_counter()
             hidden = run_until(adapter, cfg.layer, model_inputs)
             t2 = time.perf_counter()
-            for sample, row in zip(batch, _token_rows(hidden, batch, model_inputs.layouts, cfg.tokens, writer.dtype)):
+            rows = _token_rows(hidden, batch, model_inputs.layouts, cfg.tokens, writer.dtype,
+                               model_inputs.inputs.get("input_ids"), rule)
+            for sample, (row, n_excluded) in zip(batch, rows):
+                # counted with the rows, so progress-R.json's count matches its shards after a crash
+                writer.progress["n_excluded"] = writer.progress.get("n_excluded", 0) + n_excluded
+                if sample.image is None and adapter.has_vision and not warned_text_only:
+                    warned_text_only = True
+                    tqdm.write(f"harvest: warning: sample {sample.id} of {cfg.data} has no image, so {cfg.model} (a "
+                               "vision-language model) gives it text tokens only; so may later samples (warned once)",
+                               file=sys.stderr)
                 if budget is not None and tokens_total + len(row["sample"]) >= budget:
                     row = {k: v[: budget - tokens_total] for k, v in row.items()}
                     done = True
@@ -359,6 +411,13 @@ def _harvest_rank(cfg: HarvestConfig, out: Path, progress: dict, rank: int, worl
             if done:
                 break
             t0 = time.perf_counter()
+        if not done and tokens_total == 0 and world == 1:  # nothing recorded: no empty store for later stages
+            if writer.progress.get("n_excluded"):
+                rule.check_kept(0, f"data {cfg.data}")  # the exclusion left out every token
+            skips = source.skipped
+            why = (f" ({len(skips)} samples skipped; first: sample {skips[0][0]}: {skips[0][1]})" if skips
+                   else f" (--tokens {cfg.tokens})" if cfg.tokens != "all" else "")
+            raise MmsaeError(f"data {cfg.data} gave no tokens to store{why}; fix the data or choose another --data")
         if not done:  # the source is exhausted: the last shard, and every skip up to its end
             end = max([next_sample, stop or 0] + [i + 1 for i, _ in writer.pending_skips])
             writer.flush(end, samples_done, True, seconds)
@@ -395,7 +454,8 @@ def _merge_progress(out: Path) -> dict:
         "stats": {"n_tokens": n_tokens, "n_image_tokens": n_image, "n_text_tokens": n_tokens - n_image,
                   "n_samples": sum(p["samples_done"] for p in progress), "n_skipped": len(skipped),
                   "skipped": [{"sample": i, "reason": r} for i, r in skipped],
-                  "mean_norm": sum(s["norm_sum"] for s in shards) / max(n_tokens, 1)},
+                  "mean_norm": sum(s["norm_sum"] for s in shards) / max(n_tokens, 1),
+                  "n_excluded": sum(p.get("n_excluded", 0) for p in progress)},
         "config": cfg,
     }
 
@@ -433,6 +493,7 @@ class ActivationStore:
         if self.manifest.get("format") != FORMAT:
             raise MmsaeError(f"{manifest_path} is not an mmsae activation store (format {self.manifest.get('format')!r})")
         self.shards: list[dict] = self.manifest["shards"]
+        self._kept_counts: dict[tuple, list[int]] = {}  # per shard, under an exclusion rule (read once)
 
     # --- description -----------------------------------------------------------------------
     @property
@@ -459,9 +520,18 @@ class ActivationStore:
                 "dtype": m["dtype"], "data": m["config"]["data"], "tokens": m["tokens"],
                 "mean_norm": m["stats"]["mean_norm"], "harvest": m["config"]}
 
-    def count(self, tokens: TokenKind = "all") -> int:
-        """How many tokens of a kind the store holds."""
-        return sum(_shard_count(s, tokens) for s in self.shards)
+    def count(self, tokens: TokenKind = "all", exclude: TokenExclusion | None = None) -> int:
+        """How many tokens of a kind the store holds (that ``exclude`` keeps)."""
+        return sum(self.shard_counts(tokens, exclude))
+
+    def shard_counts(self, tokens: TokenKind = "all", exclude: TokenExclusion | None = None) -> list[int]:
+        """Tokens of a kind in each shard; under an exclusion rule every shard is read once to count."""
+        if not exclude:
+            return [_shard_count(s, tokens) for s in self.shards]
+        key = (tokens, exclude)
+        if key not in self._kept_counts:
+            self._kept_counts[key] = [len(self.load_shard(i, tokens, exclude)["acts"]) for i in range(len(self.shards))]
+        return self._kept_counts[key]
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -470,8 +540,9 @@ class ActivationStore:
         return f"ActivationStore({str(self.path)!r}, n_tokens={self.n_tokens}, d={self.manifest['d']}, shards={len(self.shards)})"
 
     # --- shards ----------------------------------------------------------------------------
-    def load_shard(self, index: int, tokens: TokenKind = "all") -> dict[str, torch.Tensor]:
-        """One shard's tensors (acts in the stored dtype), checked for NaN/inf, filtered by token kind."""
+    def load_shard(self, index: int, tokens: TokenKind = "all", exclude: TokenExclusion | None = None) -> dict[str, torch.Tensor]:
+        """One shard's tensors (acts in the stored dtype), checked for NaN/inf, filtered by token kind
+        and by ``exclude`` (whose median norms are over each sample's stored tokens of every kind)."""
         from safetensors.torch import load_file
 
         path = self.path / self.shards[index]["file"]
@@ -483,15 +554,20 @@ class ActivationStore:
             raise MmsaeError(f"shard {path} cannot be read ({e}); delete the store and harvest again") from e
         if not torch.isfinite(tensors["acts"]).all():
             raise MmsaeError(f"shard {path} holds NaN or inf activations; delete it and its store and harvest again")
+        keep = None
+        if exclude:
+            keep = exclude.keep(tensors["acts"].float().norm(dim=1), tensors["sample"], tensors.get("token"))
         if tokens != "all":
-            keep = tensors["is_image"] if tokens == "image" else ~tensors["is_image"]
+            kind = tensors["is_image"] if tokens == "image" else ~tensors["is_image"]
+            keep = kind if keep is None else keep & kind
+        if keep is not None:
             tensors = {k: v[keep] for k, v in tensors.items()}
         return tensors
 
-    def iter_shards(self, tokens: TokenKind = "all") -> Iterator[dict[str, torch.Tensor]]:
+    def iter_shards(self, tokens: TokenKind = "all", exclude: TokenExclusion | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Every shard in store order: ``acts`` (stored dtype) and the metadata columns."""
         for i in range(len(self.shards)):
-            yield self.load_shard(i, tokens)
+            yield self.load_shard(i, tokens, exclude)
 
     def metadata(self, tokens: TokenKind = "all") -> dict[str, torch.Tensor]:
         """The metadata columns (sample, pos, is_image, tile, row, col) of every token, in store order."""
@@ -514,9 +590,10 @@ class ActivationStore:
         return torch.cat(parts) if parts else torch.zeros(0, self.d)
 
     # --- training stream -------------------------------------------------------------------
-    def num_batches(self, batch_size: int, world: int = 1, tokens: TokenKind = "all", drop_last: bool = False) -> int:
+    def num_batches(self, batch_size: int, world: int = 1, tokens: TokenKind = "all", drop_last: bool = False,
+                    exclude: TokenExclusion | None = None) -> int:
         """Batches per epoch (the same for every rank); see ``batches``."""
-        n, global_batch = self.count(tokens), batch_size * world
+        n, global_batch = self.count(tokens, exclude), batch_size * world
         return n // global_batch if drop_last else math.ceil(n / global_batch)
 
     def batches(
@@ -532,6 +609,7 @@ class ActivationStore:
         drop_last: bool = False,
         shuffle_shards: int = 4,
         device: str | torch.device | None = None,
+        exclude: TokenExclusion | None = None,
     ) -> Iterator[torch.Tensor]:
         """Float32 [batch_size, d] batches; each epoch visits every kept token exactly once.
 
@@ -541,22 +619,23 @@ class ActivationStore:
         where a consumer that had taken ``n`` batches stopped (whole shards before it are not
         read). For data-parallel training ``rank`` takes its slice of each global batch of
         ``batch_size * world`` tokens; use ``drop_last=True`` there so ranks take equal steps.
-        ``epochs=None`` loops forever.
+        ``epochs=None`` loops forever. ``exclude`` leaves out the tokens that rule picks.
         """
         if batch_size < 1 or not 0 <= rank < world:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world (got {batch_size}, {rank}, {world})")
-        per_epoch = self.num_batches(batch_size, world, tokens, drop_last)
+        per_epoch = self.num_batches(batch_size, world, tokens, drop_last, exclude)
         if per_epoch == 0:
             return
         epoch, offset = divmod(start_batch, per_epoch)
         while epochs is None or epoch < epochs:
             for batch in self._epoch_batches(epoch, offset, batch_size, world, rank, shuffle, seed, tokens,
-                                             drop_last, max(1, shuffle_shards)):
+                                             drop_last, max(1, shuffle_shards), exclude):
                 yield batch.to(device) if device is not None else batch
             epoch, offset = epoch + 1, 0
 
-    def _epoch_batches(self, epoch, first_batch, batch_size, world, rank, shuffle, seed, tokens, drop_last, window):
+    def _epoch_batches(self, epoch, first_batch, batch_size, world, rank, shuffle, seed, tokens, drop_last, window, exclude=None):
         global_batch = batch_size * world
+        counts = self.shard_counts(tokens, exclude)
         order = np.random.default_rng([seed, epoch]).permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
         if not shuffle:
             window = 1
@@ -565,11 +644,11 @@ class ActivationStore:
         carried = 0
         for w, start in enumerate(range(0, len(order), window)):
             members = order[start:start + window]
-            size = sum(_shard_count(self.shards[i], tokens) for i in members)
+            size = sum(counts[i] for i in members)
             if skip >= size:  # wholly consumed before start_batch: not even read
                 skip -= size
                 continue
-            acts = torch.cat([self.load_shard(int(i), tokens)["acts"] for i in members])
+            acts = torch.cat([self.load_shard(int(i), tokens, exclude)["acts"] for i in members])
             if shuffle:
                 acts = acts[torch.from_numpy(np.random.default_rng([seed, epoch, w]).permutation(len(acts)))]
             acts, skip = acts[skip:], 0

@@ -22,11 +22,14 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .config import check_config
 from .errors import MmsaeError
 from .hooks import edit
-from .io import append_jsonl, atomic_path, ensure_dir, write_json
-from .steer import (Intervention, build_interventions, decoder_directions, feature_activations, load_images,
-                    load_model_and_sae, resolve_layer, run_batches, work_dtype)
+from .io import append_jsonl, atomic_path, check_own_file, ensure_dir, write_json
+from .steer import (STEERING_KEYS, Intervention, build_interventions, decoder_directions, feature_activations,
+                    load_images, load_model_and_sae, resolve_layer, run_batches, work_dtype)
+
+ATTRIBUTION_KEYS = ("objective", "top_features")  # every attribution.json carries these
 
 
 # --- the objective ----------------------------------------------------------------------------
@@ -224,11 +227,14 @@ class AttributeConfig:
     contrast: Optional[str] = field(default=None, metadata={
         "help": "a second answer: attribute the logit difference answer - contrast (first tokens) instead"})
     out: str = field(default="attribution", metadata={"help": "output folder (attribution.json, heat-map PNGs)"})
-    top: int = field(default=20, metadata={"help": "top features to report (overall, per patch, per token)"})
-    check: int = field(default=10, metadata={"help": "top features whose estimate is checked by really ablating each"})
-    layer: Optional[int] = field(default=None, metadata={"help": "layer, if the SAE's cfg does not record it"})
+    top: int = field(default=20, metadata={"help": "top features to report (overall, per patch, per token)", "min": 1})
+    check: int = field(default=10, metadata={"help": "top features whose estimate is checked by really ablating each", "min": 0})
+    layer: Optional[int] = field(default=None, metadata={"help": "layer, if the SAE's cfg does not record it", "min": 0})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "model dtype: float32, bfloat16, float16"})
+
+    def __post_init__(self):
+        check_config(self)
 
 
 def _top(totals: torch.Tensor, n: int) -> list[dict]:
@@ -320,6 +326,7 @@ def attribution_report(adapter, sae, objective: AnswerObjective, att: Attributio
 def attribute(cfg: AttributeConfig) -> dict:
     """Attribute the answer to features over image patches and text tokens; writes ``OUT/attribution.json``."""
     out = ensure_dir(cfg.out)
+    check_own_file(out / "attribution.json", ATTRIBUTION_KEYS)  # before the work: a user's file is never replaced
     image = load_images([cfg.image] if cfg.image else [], 1)[0]
     adapter, sae = load_model_and_sae(cfg.model, cfg.sae, cfg.device, cfg.dtype)
     layer = resolve_layer(adapter, sae, cfg.layer)
@@ -404,6 +411,10 @@ def demo_steering(model, sae, run_dir: str | Path, n_images: int = 40, seed: int
     run_dir = Path(run_dir)
     steer_dir, att_dir = ensure_dir(run_dir / "steering"), ensure_dir(run_dir / "attribution")
     ensure_dir(steer_dir / "examples")
+    # what this replaces or appends to must be mmsae's
+    check_own_file(steer_dir / "steering.jsonl", STEERING_KEYS)
+    check_own_file(steer_dir / "demo_steering.json", ("targets", "best_success"))
+    check_own_file(att_dir / "attribution.json", ATTRIBUTION_KEYS)
     world = ShapesWorld(seed)
     scene_image = functools.lru_cache(maxsize=None)(lambda i: world.scene(i).image)
     vocab = {"colour": list(COLOURS), "shape": list(SHAPES)}

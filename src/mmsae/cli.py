@@ -16,6 +16,7 @@ import typing
 from typing import Any, Literal, get_args, get_origin
 
 from .errors import MmsaeError
+from .io import is_no_space, no_space_error
 
 # subcommand -> (module, config class, function, one-line description)
 STAGES: dict[str, tuple[str, str, str, str]] = {
@@ -54,9 +55,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if has_default and default is not None and tp is not bool:
-            help_text += f" (default: {default})"
+            help_text += f" (default: {default})".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
         if not has_default:
             kwargs["required"] = True
@@ -133,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             fn(cfg)
     except MmsaeError as e:
         print(f"mmsae {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a full disk met by a write outside mmsae.io (which turns it into MmsaeError)
+        if not is_no_space(e):
+            raise
+        print(f"mmsae {args.stage}: error: {no_space_error(getattr(e, 'filename', None) or 'the output')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mmsae {args.stage}: interrupted; rerun the same command to resume", file=sys.stderr)

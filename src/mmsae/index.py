@@ -25,6 +25,7 @@ Layout of the folder::
     layouts.safetensors    per referenced sample: image-token positions, tile, row, col (flat)
     tokens.json            per feature: top text tokens with context
     images/                copies of the referenced images (PNG)
+    .mmsae-images          the copies this index wrote, one a line: clean-up deletes only these
     checkpoint.safetensors the state of an unfinished build (removed when it completes)
 """
 
@@ -43,8 +44,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import check_config
 from .errors import MmsaeError
-from .io import ensure_dir, read_json, save_tensors, write_json
+from .io import claim_dir, ensure_dir, no_space_guard, read_json, save_tensors, write_json, write_text
 from .models.base import Tile, TokenLayout, image_heatmap
 
 FORMAT = "mmsae-index"
@@ -55,6 +57,9 @@ QUANTILE_LEVELS = (0.5, 0.9, 0.99, 0.995, 0.999)
 HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS_PER_DECADE = -4.0, 5.0, 16
 HIST_BINS = int((HIST_LOG10_MAX - HIST_LOG10_MIN) * HIST_BINS_PER_DECADE)
 KEY_SHIFT = 2**40  # map keys pack (feature, sample id) into one int64
+IMAGES_WRITTEN = ".mmsae-images"  # the image copies this index wrote (relative paths, one a line)
+INDEX_FILES = ("manifest.json", "examples.safetensors", "stats.safetensors", "samples.json", "layouts.safetensors",
+               "tokens.json", "checkpoint.safetensors")
 
 
 def hist_edges() -> np.ndarray:
@@ -79,6 +84,21 @@ def sae_fingerprint(sae: torch.nn.Module) -> str:
         t = tensor.detach().to("cpu", torch.float32).contiguous()
         h.update(f"{name}:{tuple(t.shape)};".encode())
         h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def index_fingerprint(manifest: dict, top_sample: torch.Tensor | np.ndarray) -> str:
+    """A hash of what an index was built from and what it holds: the SAE's fingerprint, the data
+    spec and the index settings (the build's signature, else the manifest's fields), and every
+    feature's top example ids.
+
+    Explanations record it, so rows written for another index (other data, settings or SAE), whose
+    evidence ids name other samples, are told apart from this index's.
+    """
+    settings = manifest.get("signature") or {k: manifest.get(k) for k in (
+        "sae_fingerprint", "model", "layer", "data", "top_n", "image_score", "num_latents")}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(np.asarray(top_sample, dtype=np.int64)).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -256,6 +276,11 @@ class FeatureIndex:
     def sae_fingerprint(self) -> str:
         return self.cfg.get("sae_fingerprint", "")
 
+    @property
+    def fingerprint(self) -> str:
+        """This index's own fingerprint (SAE, data, settings, top examples): :func:`index_fingerprint`."""
+        return self.cfg.get("index_fingerprint") or index_fingerprint(self.cfg, self._top_sample)
+
     def check_sae(self, sae: Any) -> None:
         """Raise MmsaeError unless ``sae`` (path or module) is the SAE this index was built with."""
         if isinstance(sae, (str, os.PathLike)):
@@ -370,10 +395,11 @@ class FeatureIndex:
         if not rec.get("image"):
             raise MmsaeError(f"sample {sample_id} has no image in index {self.path}")
         path = self.path / rec["image"]
+        from .data.sources import UnreadableImage, load_image
+
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except OSError as e:
+            return load_image(path)
+        except UnreadableImage as e:
             raise MmsaeError(f"index image {path} cannot be read ({e}); rebuild the index") from e
 
     def sample_meta(self, sample_id: int) -> dict:
@@ -391,8 +417,10 @@ class FeatureIndex:
 def _write_folder(out: Path, manifest: dict, top_sample: torch.Tensor, top_score: torch.Tensor,
                   rand_sample: torch.Tensor, rand_score: torch.Tensor, maps: dict[int, np.ndarray],
                   stats: ActivationStats, samples: dict[int, dict], layouts: dict[int, TokenLayout],
-                  tokens: dict[int, list]) -> None:
-    """Write a complete index folder; the manifest goes last and marks it complete."""
+                  tokens: dict[int, list], written: set[str]) -> None:
+    """Write a complete index folder; the manifest goes last and marks it complete.
+
+    ``written`` is the set of image copies this index wrote (:func:`_save_image`)."""
     ensure_dir(out)
     referenced = set(top_sample[top_sample >= 0].tolist()) | set(rand_sample[rand_sample >= 0].tolist())
     keys = sorted(k for k in maps if (k % KEY_SHIFT) in referenced)
@@ -418,27 +446,43 @@ def _write_folder(out: Path, manifest: dict, top_sample: torch.Tensor, top_score
         "row": cat("row", torch.int16), "col": cat("col", torch.int16)})
     write_json(out / "samples.json", {str(s): {**samples[s], "layout": _layout_to_json(layouts[s])} for s in sids})
     write_json(out / "tokens.json", {str(f): rows for f, rows in sorted(tokens.items()) if rows})
-    images = out / "images"
-    if images.exists():  # drop copies no example refers to any more
-        keep = {samples[s].get("image") for s in sids}
-        for p in images.iterdir():
-            if f"images/{p.name}" not in keep:
-                p.unlink(missing_ok=True)
-    write_json(out / "manifest.json", {**manifest, "complete": True})
+    _drop_unreferenced_images(out, {samples[s].get("image") for s in sids}, written)
+    write_json(out / "manifest.json", {**manifest, "index_fingerprint": index_fingerprint(manifest, top_sample),
+                                       "complete": True})
 
 
 def _image_file(sample_id: int) -> str:
     return f"images/{sample_id:09d}.png"
 
 
-def _save_image(out: Path, sample_id: int, image: Image.Image) -> str:
+def _written_images(out: Path) -> set[str]:
+    """The image copies this index recorded writing (its clean-up may delete these and no others)."""
+    path = out / IMAGES_WRITTEN
+    return set(path.read_text(encoding="utf-8").split()) if path.exists() else set()
+
+
+def _save_image(out: Path, sample_id: int, image: Image.Image, written: set[str]) -> str:
+    """Copy a sample's image into ``images/``; the copy is recorded in ``.mmsae-images`` first."""
     rel = _image_file(sample_id)
     path = out / rel
-    if not path.exists():
-        ensure_dir(path.parent)
-        tmp = path.with_name(f".{path.name}.tmp")
-        image.convert("RGB").save(tmp, format="PNG", compress_level=1)  # fast; these are working copies
-        os.replace(tmp, path)
+    if path.exists():
+        if rel in written:
+            return rel  # this index's copy (a resumed build)
+        raise MmsaeError(f"{path} exists and was not written by mmsae index; choose a new --out")
+    ensure_dir(path.parent)
+    # recorded before it is written: a crash in between leaves a record of a missing file, never an unrecorded copy
+    with open(out / IMAGES_WRITTEN, "a", encoding="utf-8") as f:
+        f.write(rel + "\n")
+    written.add(rel)
+    tmp = path.with_name(f".{path.name}.tmp")
+    # not io.atomic_path: no fsync per image, these are working copies
+    with no_space_guard(path):
+        try:
+            image.convert("RGB").save(tmp, format="PNG", compress_level=1)  # fast
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return rel
 
 
@@ -459,7 +503,8 @@ class IndexWriter:
 
     def __init__(self, out: str | os.PathLike, num_latents: int, top_n: int = 20,
                  image_score: Literal["max", "mean"] = "max", **manifest: Any):
-        self.out = Path(out)
+        self.out = claim_dir(out, "index", legacy=_is_index_folder)
+        self.written = _written_images(self.out)
         self.num_latents = num_latents
         self.top_n = top_n
         self.image_score = image_score
@@ -477,7 +522,7 @@ class IndexWriter:
                    meta: dict | None = None, text: str = "") -> None:
         rec = {"meta": _jsonable(meta or {}), "text": text, "image": None}
         if image is not None:
-            rec["image"] = _save_image(self.out, sample_id, image)
+            rec["image"] = _save_image(self.out, sample_id, image, self.written)
         self.samples[sample_id] = rec
         self.layouts[sample_id] = layout
 
@@ -537,7 +582,7 @@ class IndexWriter:
             stats.fired_images[f] = sum(1 for s, _, _ in rows if s > 0)
         manifest = {**self.manifest, "n_images": len(self.samples)}
         _write_folder(self.out, manifest, top_sample, top_score, rand_sample, rand_score, maps, stats,
-                      self.samples, self.layouts, self.tokens)
+                      self.samples, self.layouts, self.tokens, self.written)
         return FeatureIndex(self.out)
 
 
@@ -554,20 +599,24 @@ class IndexConfig:
     data: str = field(metadata={"help": "data: image folder, .jsonl, dataset path or name, or shapes:N[:SEED]"})
     out: str = field(metadata={"help": "index folder to write (RUN/index)"})
     model: str | None = field(default=None, metadata={"help": "model id or path (default: the SAE's cfg.model)"})
-    layer: int | None = field(default=None, metadata={"help": "decoder layer (default: the SAE's cfg.layer)"})
-    top_n: int = field(default=20, metadata={"help": "top images kept per feature"})
-    random_n: int = field(default=20, metadata={"help": "random activating images kept per feature (a sample across quantiles)"})
+    layer: int | None = field(default=None, metadata={"help": "decoder layer (default: the SAE's cfg.layer)", "min": 0})
+    top_n: int = field(default=20, metadata={"help": "top images kept per feature", "min": 1})
+    random_n: int = field(default=20, metadata={"help": "random activating images kept per feature (a sample across quantiles)", "min": 1})
     image_score: Literal["max", "mean"] = field(default="max", metadata={"help": "image score: max or mean of the feature over the image's patches"})
-    top_tokens: int = field(default=10, metadata={"help": "top text tokens kept per feature"})
-    context_tokens: int = field(default=8, metadata={"help": "text tokens of context kept before each top token"})
-    batch_size: int = field(default=8, metadata={"help": "images per forward pass"})
-    max_samples: int | None = field(default=None, metadata={"help": "only samples with id below this"})
+    top_tokens: int = field(default=10, metadata={"help": "top text tokens kept per feature", "min": 1})
+    context_tokens: int = field(default=8, metadata={"help": "text tokens of context kept before each top token", "min": 0})
+    batch_size: int = field(default=8, metadata={"help": "images per forward pass", "min": 1})
+    max_samples: int | None = field(default=None, metadata={"help": "only samples with id below this", "min": 1})
     prompt: str | None = field(default=None, metadata={"help": "prompt shown with every image (default: the sample's own text)"})
     split: str = field(default="train", metadata={"help": "dataset split"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     dtype: str = field(default="float32", metadata={"help": "model dtype: float32, bfloat16 or float16"})
-    checkpoint_every: int = field(default=512, metadata={"help": "save resumable state every this many images"})
-    seed: int = field(default=0, metadata={"help": "seed of the random example sample"})
+    checkpoint_every: int = field(default=512, metadata={"help": "save resumable state every this many images", "min": 1})
+    seed: int = field(default=0, metadata={"help": "seed of the random example sample", "min": 0})
+    overwrite: bool = field(default=False, metadata={"help": "write into an --out folder that holds other files (they are kept)"})
+
+    def __post_init__(self):
+        check_config(self)
 
 
 AFTER_TOKENS = 3  # text tokens of context kept after each top token
@@ -783,14 +832,29 @@ class IndexState:
         return out
 
 
-def _drop_unreferenced_images(out: Path, keep: set[int]) -> None:
-    """Delete image copies that no example (as of the last checkpoint) refers to."""
-    keep_names = {Path(_image_file(s)).name for s in keep}
-    folder = out / "images"
-    if folder.exists():
-        for p in folder.iterdir():
-            if p.name not in keep_names:
-                p.unlink(missing_ok=True)
+def _drop_unreferenced_images(out: Path, keep: set[str], written: set[str]) -> None:
+    """Delete the image copies this index wrote that no example refers to any more (``keep``:
+    relative paths); nothing else in the folder is touched."""
+    drop = written - keep
+    if not drop:
+        return
+    for rel in drop:
+        path = out / rel
+        path.unlink(missing_ok=True)
+        path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)  # what a crash mid-copy left
+    written -= drop
+    write_text(out / IMAGES_WRITTEN, "".join(f"{rel}\n" for rel in sorted(written)))
+
+
+def _is_index_folder(path: Path) -> bool:
+    """An index folder written before output folders were marked (for ``claim_dir``)."""
+    if (path / "checkpoint.safetensors").exists():
+        return True
+    try:
+        manifest = read_json(path / "manifest.json")
+    except MmsaeError:  # none, or not JSON
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
 def _resolve_device(device: str) -> str:
@@ -844,15 +908,18 @@ def build_index(cfg: IndexConfig) -> FeatureIndex:
     from .models import load_adapter
     from .sae import load_sae
 
-    if cfg.top_n < 1 or cfg.random_n < 1 or cfg.top_tokens < 1 or cfg.batch_size < 1:
-        raise MmsaeError("--top-n, --random-n, --top-tokens and --batch-size must be at least 1")
     device = _resolve_device(cfg.device)
     sae = load_sae(cfg.sae).to(device).eval()
     model_id = cfg.model or sae.cfg.model
     layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
     if model_id is None or layer is None:
         raise MmsaeError(f"SAE {cfg.sae} does not record its model and layer; give --model and --layer")
-    out = ensure_dir(cfg.out)
+    out = claim_dir(cfg.out, "index", cfg.overwrite, legacy=_is_index_folder)
+    written = _written_images(out)
+    if not _is_index_folder(out):  # a new index: none of the files it writes may be someone else's
+        taken = [name for name in INDEX_FILES if (out / name).exists()]
+        if taken:
+            raise MmsaeError(f"{out / taken[0]} exists and was not written by mmsae index; move it away or choose a new --out")
     fingerprint = sae_fingerprint(sae)
     signature = {"sae_fingerprint": fingerprint, "model": str(model_id), "layer": int(layer), "data": cfg.data,
                  "split": cfg.split, "max_samples": cfg.max_samples, "prompt": cfg.prompt, "top_n": cfg.top_n,
@@ -898,7 +965,7 @@ def build_index(cfg: IndexConfig) -> FeatureIndex:
             sid = batch[b].id
             state.keep_maps(sid, *codes[b][0], feats)
             if sid not in state.samples:
-                state.samples[sid] = {"meta": _jsonable(batch[b].meta), "text": prompts[b], "image": _save_image(out, sid, batch[b].image)}
+                state.samples[sid] = {"meta": _jsonable(batch[b].meta), "text": prompts[b], "image": _save_image(out, sid, batch[b].image, written)}
                 lt = inputs.layouts[b]
                 state.layouts[sid] = TokenLayout(lt.positions.cpu(), lt.tile.cpu(), lt.row.cpu(), lt.col.cpu(), lt.tiles, lt.image_size)
         ids = inputs.inputs["input_ids"]
@@ -931,7 +998,7 @@ def build_index(cfg: IndexConfig) -> FeatureIndex:
                 batch = []
                 if since_ckpt >= cfg.checkpoint_every:
                     state.save(ckpt, signature)
-                    _drop_unreferenced_images(out, set(state.samples))
+                    _drop_unreferenced_images(out, {r["image"] for r in state.samples.values()}, written)
                     since_ckpt = 0
         if batch:
             run_batch(batch)
@@ -952,7 +1019,7 @@ def build_index(cfg: IndexConfig) -> FeatureIndex:
     # this session's time from the first batch to the finished folder (model loading excluded)
     manifest["run_seconds"] = round(time.perf_counter() - started, 3)
     _write_folder(out, manifest, state.top_sample, state.top_score, state.rand_sample, state.rand_score, state.maps,
-                  state.stats, state.samples, state.layouts, tokens)
+                  state.stats, state.samples, state.layouts, tokens, written)
     ckpt.unlink(missing_ok=True)
     if state.skipped:
         print(f"skipped {state.skipped} unreadable samples", flush=True)

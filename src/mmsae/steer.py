@@ -30,9 +30,10 @@ from typing import Literal, Optional
 
 import torch
 
+from .config import check_config
 from .errors import MmsaeError
 from .hooks import edit
-from .io import append_jsonl, ensure_dir, read_jsonl, write_json
+from .io import append_jsonl, check_own_file, ensure_dir, latest_rows, read_jsonl, write_json
 
 Mode = Literal["clamp", "add", "scale"]
 Span = Literal["all", "image", "text", "prompt", "generated"]
@@ -255,12 +256,15 @@ def perplexity(adapter, inputs, gen: Generation) -> list[float]:
 
 # --- the stage --------------------------------------------------------------------------------
 
+# every steering.jsonl row (``steer`` and the demo's) carries these: how a file is known to be mmsae's
+STEERING_KEYS = ("prompt", "interventions", "clean", "steered")
+
 
 @dataclass
 class SteerConfig:
     model: str = field(metadata={"help": "model id or local path (a vision-language model)"})
     sae: str = field(metadata={"help": "SAE folder (sparsify, SAELens or mmsae layout)"})
-    feature: list[int] = field(metadata={"help": "feature id(s) to steer"})
+    feature: list[int] = field(metadata={"help": "feature id(s) to steer", "min": 0})
     prompt: list[str] = field(metadata={"help": "prompt(s); several are generated as one padded batch"})
     value: list[float] = field(default_factory=lambda: [10.0], metadata={
         "help": "value per feature (one value applies to all): the activation for clamp, the multiple of the "
@@ -271,10 +275,10 @@ class SteerConfig:
         "help": "where to steer: all (prompt and every generated token), image (image tokens), text (text "
                 "tokens and generated ones), prompt (prefill only), generated (decode steps only)"})
     out: str = field(default="steering", metadata={"help": "output folder (steering.jsonl, sweep.json, sweep.png)"})
-    max_new_tokens: int = field(default=32, metadata={"help": "tokens to generate"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens to generate", "min": 1})
     index: Optional[str] = field(default=None, metadata={
         "help": "feature index folder: clamp/add values become multiples of each feature's max activation"})
-    layer: Optional[int] = field(default=None, metadata={"help": "layer, if the SAE's cfg does not record it"})
+    layer: Optional[int] = field(default=None, metadata={"help": "layer, if the SAE's cfg does not record it", "min": 0})
     sweep: list[float] = field(default_factory=list, metadata={
         "help": "sweep these values for the (single) feature: concept rate and fluency per value, with a plot"})
     keywords: list[str] = field(default_factory=list, metadata={
@@ -285,22 +289,21 @@ class SteerConfig:
         "help": "sweep: judge concept expression with this model on an OpenAI-compatible endpoint instead of keywords"})
     judge_base_url: Optional[str] = field(default=None, metadata={
         "help": "sweep: the judge's endpoint (default: $OPENAI_BASE_URL or api.openai.com)"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate call", "min": 1})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "model dtype: float32, bfloat16, float16"})
 
+    def __post_init__(self):
+        check_config(self)
+
 
 def load_images(paths: Sequence[str], n_prompts: int) -> list:
-    from PIL import Image
+    """The ``--image`` files, one per prompt (none, or one for all, is repeated)."""
+    from .data.sources import open_image
 
     if len(paths) not in (0, 1, n_prompts):
         raise MmsaeError(f"got {len(paths)} images for {n_prompts} prompts; give none, one, or one per prompt")
-    images = []
-    for p in paths:
-        try:
-            images.append(Image.open(p).convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise MmsaeError(f"cannot read image {p}: {e}") from e
+    images = [open_image(p, "--image") for p in paths]
     if not images:
         return [None] * n_prompts
     return images * n_prompts if len(images) == 1 else images
@@ -361,13 +364,13 @@ JUDGE_PROMPT = ("Concept: {concept}\nText: {text}\n\nDoes the text express or me
 
 
 def openai_judge(model: str, base_url: str | None = None, concept: str = "") -> Callable[[str], bool]:
-    """A judge through the explainer's OpenAI-compatible client: does a text express ``concept``?"""
-    import os
+    """A judge through the explainer's OpenAI-compatible client: does a text express ``concept``?
 
+    The endpoint and key come from ``base_url`` or the environment (``OpenAIClient.from_env``)."""
     from .explain.openai_client import OpenAIClient, user_message
 
-    client = OpenAIClient(base_url=base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
-                          model=model, api_key=os.environ.get("OPENAI_API_KEY"), max_tokens=3)
+    client = OpenAIClient.from_env(model, base_url, needs="the judge needs --judge-model", url_flag="--judge-base-url",
+                                   max_tokens=3)
 
     def judge(text: str) -> bool:
         reply = client.chat(user_message(JUDGE_PROMPT.format(concept=concept, text=text), []))
@@ -439,12 +442,12 @@ def plot_sweep(rows: list[dict], path: str | Path, keywords: Sequence[str] = ())
 
 
 def concept_keywords(explanations: str, feature: int) -> list[str]:
-    for row in read_jsonl(explanations):
-        if row.get("feature") == feature:
-            phrase = row.get("concept") or row.get("explanation") or ""
-            words = [w.strip(".,;:!?\"'()").lower() for w in phrase.split()]
-            return [w for w in words if len(w) > 2]
-    raise MmsaeError(f"feature {feature} has no row in {explanations}; give --keywords")
+    row = latest_rows(read_jsonl(explanations)).get(feature)  # the feature's last row, as every reader takes it
+    if row is None:
+        raise MmsaeError(f"feature {feature} has no row in {explanations}; give --keywords")
+    phrase = row.get("concept") or row.get("explanation") or ""
+    words = [w.strip(".,;:!?\"'()").lower() for w in phrase.split()]
+    return [w for w in words if len(w) > 2]
 
 
 def load_model_and_sae(model: str, sae_path: str, device: str = "cpu", dtype: str = "float32"):
@@ -463,6 +466,9 @@ def steer(cfg: SteerConfig) -> list[dict]:
     if cfg.sweep and len(cfg.feature) != 1:
         raise MmsaeError(f"a sweep steers one feature; got {len(cfg.feature)} features")
     out = ensure_dir(cfg.out)
+    check_own_file(out / "steering.jsonl", STEERING_KEYS)  # appended to: it must be mmsae's
+    if cfg.sweep:
+        check_own_file(out / "sweep.json", ("feature", "keywords", "rows"))
     images = load_images(cfg.image, len(cfg.prompt))
     adapter, sae = load_model_and_sae(cfg.model, cfg.sae, cfg.device, cfg.dtype)
     layer = resolve_layer(adapter, sae, cfg.layer)

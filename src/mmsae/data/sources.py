@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,9 @@ IMAGE_COLUMN_NAMES = ("image", "images", "img", "picture", "photo", "pixel_value
 TEXT_COLUMN_NAMES = ("text", "caption", "captions", "question", "prompt", "query", "instruction",
                      "conversations", "messages", "sentence", "description", "label_text")
 _DATA_FILE_EXTENSIONS = {".parquet", ".arrow", ".csv", ".json", ".jsonl", ".tsv"}
+# Longest side an image is kept at once decoded: far above any model's input size, and it bounds
+# the memory of a very large but legal image (a 10000 x 10000 PNG of a few KB).
+MAX_SIDE = 4096
 
 
 class UnreadableImage(Exception):
@@ -37,7 +41,10 @@ def load_image(value: Any, base_dir: Path | None = None) -> Image.Image:
     """Decode an image given as a PIL image, a path, raw bytes or a ``{"bytes", "path"}`` dict.
 
     The pixels are fully decoded (``.load()``) and converted to RGB here, so a truncated file
-    fails now rather than later inside the model's processor.
+    fails now rather than later inside the model's processor. Every stage opens images through
+    this function (user-named files through :func:`open_image`), so all share its guards: an
+    image over Pillow's decompression-bomb limit (2 x ``Image.MAX_IMAGE_PIXELS``) is refused
+    before decoding, and one whose longer side exceeds ``MAX_SIDE`` is reduced to it on load.
     """
     try:
         if isinstance(value, Image.Image):
@@ -52,14 +59,44 @@ def load_image(value: Any, base_dir: Path | None = None) -> Image.Image:
             image = Image.open(io.BytesIO(value))
         else:
             raise UnreadableImage(f"no image (got {type(value).__name__})")
-        image.load()
-        return image.convert("RGB")
+        return _decode(image)
     except UnreadableImage:
         raise
     except FileNotFoundError as e:
         raise UnreadableImage(f"missing file {e.filename}") from e
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # raised by Image.open from the header, before decoding
+        raise UnreadableImage(f"too large to decode safely: {str(e).rstrip('.')}") from e
+    except (OSError, ValueError, SyntaxError) as e:
         raise UnreadableImage(f"unreadable image: {e}") from e
+
+
+def _decode(image: Image.Image) -> Image.Image:
+    """Decode an opened image to RGB with its longer side at most ``MAX_SIDE``."""
+    w, h = image.size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and w * h > 2 * limit:  # what Image.open refuses, for images handed over already open
+        raise UnreadableImage(f"too large to decode safely: {w}x{h} = {w * h} pixels, over the limit of {2 * limit}")
+    if max(w, h) > MAX_SIDE:
+        scale = MAX_SIDE / max(w, h)
+        # JPEG decodes straight at 1/2, 1/4 or 1/8 size; formats without a reduced decode ignore this
+        image.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
+    image.load()
+    if max(image.size) > MAX_SIDE:
+        # reduce in the file's own mode (1 byte a pixel for grey and palette images), before the
+        # 4-bytes-a-pixel RGB copy; a box filter (an area average) is 3x faster than Lanczos here
+        image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX)
+    return image.convert("RGB")
+
+
+def open_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
+    """An image file the user named (``what`` says which option), decoded as :func:`load_image` does.
+
+    Unlike a data sample, which is skipped, an unusable file here is a one-line MmsaeError.
+    """
+    try:
+        return load_image(path)
+    except UnreadableImage as e:
+        raise MmsaeError(f"cannot use {what} {path}: {e}; give a readable image file") from e
 
 
 def _resolve(path: str | os.PathLike, base_dir: Path | None) -> Path:

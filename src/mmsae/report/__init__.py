@@ -23,14 +23,16 @@ from __future__ import annotations
 import functools
 import http.server
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MmsaeError
-from ..io import ensure_dir
+from ..config import check_config
+from ..io import ensure_dir, no_space_guard
 from .features import write_features, write_list, list_rows
 from .pages import copy_assets, write_feature_page, write_index_page, write_report
-from .rundata import load_run
+from .rundata import RunData, load_run
 from .safe import js_put, write_file
 
 SITE_MARKER = ".mmsae-site"
@@ -42,16 +44,20 @@ class DashboardConfig:
     out: str | None = field(default=None, metadata={"help": "site folder (default: RUN/site)"})
     sae: str | None = field(default=None, metadata={"help": "SAE folder (default: RUN/sae)"})
     serve: bool = field(default=False, metadata={"help": "after building, serve the site on 127.0.0.1 until Ctrl-C"})
-    port: int = field(default=8000, metadata={"help": "port for --serve (0 picks a free one)"})
+    port: int = field(default=8000, metadata={"help": "port for --serve (0 picks a free one)", "min": 0, "max": 65535})
     max_features: int = field(default=2000, metadata={
         "help": "write pages (with images) for at most this many features, best first: scored, then explained, then "
-                "most frequent; the list always holds every feature. Pass 0 for no limit"})
-    n_images: int = field(default=5, metadata={"help": "top images shown per feature"})
-    thumb_size: int = field(default=224, metadata={"help": "longest side of the image thumbnails, in pixels"})
-    chunk_size: int = field(default=1000, metadata={"help": "features per list chunk file"})
-    page_size: int = field(default=50, metadata={"help": "features per page of the list"})
-    dense_threshold: float = field(default=0.1, metadata={"help": "a feature firing more often than this is dense"})
+                "most frequent; the list always holds every feature. Pass 0 for no limit", "min": 0})
+    n_images: int = field(default=5, metadata={"help": "top images shown per feature", "min": 0})
+    thumb_size: int = field(default=224, metadata={"help": "longest side of the image thumbnails, in pixels", "min": 16})
+    chunk_size: int = field(default=1000, metadata={"help": "features per list chunk file", "min": 1})
+    page_size: int = field(default=50, metadata={"help": "features per page of the list", "min": 1})
+    dense_threshold: float = field(default=0.1, metadata={"help": "a feature firing more often than this is dense",
+                                                          "min": 0, "max": 1})
     title: str | None = field(default=None, metadata={"help": "site title (default: the run folder's name)"})
+
+    def __post_init__(self):
+        check_config(self)
 
 
 def _check_out(site: Path) -> None:
@@ -61,30 +67,28 @@ def _check_out(site: Path) -> None:
 
 
 def _swap_in(building: Path, site: Path) -> None:
-    """Replace ``site`` by the finished ``building`` folder with renames, so no half-built site is ever seen."""
-    old = site.parent / f".{site.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
+    """Replace ``site`` by the finished ``building`` folder with renames, so no half-built site is ever seen.
+
+    The old site (empty, or marked as built here) moves to a fresh hidden name first and is deleted
+    from there: nothing but it is ever removed."""
+    _check_out(site)  # again: the build took a while
+    old = Path(tempfile.mkdtemp(prefix=f".{site.name}.old-", dir=site.parent))
     if site.exists():
-        site.rename(old)
+        site.rename(old)  # onto the empty folder just made (POSIX rename replaces an empty folder)
     building.rename(site)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def build_dashboard(cfg: DashboardConfig) -> Path:
-    """Build the site from ``cfg.run``; returns the path of its index.html (and prints both pages)."""
-    if cfg.chunk_size < 1 or cfg.page_size < 1 or cfg.n_images < 0 or cfg.thumb_size < 16:
-        raise MmsaeError("--chunk-size and --page-size must be >= 1, --n-images >= 0 and --thumb-size >= 16")
-    data = load_run(cfg.run, cfg.sae)
-    site = Path(cfg.out) if cfg.out else Path(cfg.run) / "site"
-    _check_out(site)
-    ensure_dir(site.parent)
-    building = site.parent / f".{site.name}.building"
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir()
-    (building / SITE_MARKER).write_text("made by mmsae dashboard; the folder is replaced on each build\n")
-    title = cfg.title or Path(cfg.run).resolve().name
+def _drop_unfinished(site: Path) -> None:
+    """Delete what a killed build left beside ``site``: hidden copies that carry the dashboard's marker."""
+    for p in list(site.parent.glob(f".{site.name}.building*")) + list(site.parent.glob(f".{site.name}.old*")):
+        if p.is_dir() and (p / SITE_MARKER).exists():
+            shutil.rmtree(p, ignore_errors=True)
 
-    rows, facts = list_rows(data, cfg.dense_threshold)
+
+def _write_site(building: Path, cfg: DashboardConfig, data: RunData, rows: list[dict], facts: dict, title: str) -> list:
+    """Write every file of the site into ``building``; returns the features that got a page."""
+    (building / SITE_MARKER).write_text("made by mmsae dashboard; the folder is replaced on each build\n")
     pages = write_features(building, data, rows, cfg.max_features or None, cfg.n_images, cfg.thumb_size)
     n_chunks = write_list(building, rows, cfg.chunk_size)
     meta = {
@@ -99,7 +103,27 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     write_index_page(building, title)
     write_feature_page(building, title)
     write_report(building, data, facts, title, pages)
-    _swap_in(building, site)
+    return pages
+
+
+def build_dashboard(cfg: DashboardConfig) -> Path:
+    """Build the site from ``cfg.run``; returns the path of its index.html (and prints both pages)."""
+    data = load_run(cfg.run, cfg.sae)
+    site = Path(cfg.out) if cfg.out else Path(cfg.run) / "site"
+    _check_out(site)
+    ensure_dir(site.parent)
+    _drop_unfinished(site)
+    building = Path(tempfile.mkdtemp(prefix=f".{site.name}.building-", dir=site.parent))  # a fresh name: no one else's
+    title = cfg.title or Path(cfg.run).resolve().name
+
+    rows, facts = list_rows(data, cfg.dense_threshold)
+    with no_space_guard(site):
+        try:
+            pages = _write_site(building, cfg, data, rows, facts, title)
+            _swap_in(building, site)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)  # the unfinished copy; a rerun builds it afresh
+            raise
     index = site / "index.html"
     n_live = len(rows) - facts["n_dead"]
     if len(pages) < n_live:

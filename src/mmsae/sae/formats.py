@@ -4,10 +4,14 @@
   ``encoder.bias`` [n], ``W_dec`` [n, d], ``b_dec`` [d] (+ ``threshold`` [n] for threshold
   architectures). cfg keys ``d_in, num_latents, k, expansion_factor, normalize_decoder`` (and
   sparsify's ``activation, multi_topk, skip_connection, transcode``) plus mmsae's
-  ``architecture, model, layer, hook_point, input_scale``.
+  ``architecture, model, layer, hook_point, input_scale, matryoshka_groups, token_exclusion``.
 * SAELens (v6 and earlier): ``cfg.json`` + ``sae_weights.safetensors`` with ``W_enc`` [d, n],
   ``b_enc``, ``W_dec`` [n, d], ``b_dec`` (+ ``threshold`` for JumpReLU); cfg ``d_in, d_sae,
-  architecture, k, apply_b_dec_to_input, normalize_activations, metadata{model_name, hook_name}``.
+  architecture, k, apply_b_dec_to_input, normalize_activations, metadata{model_name, hook_name}``;
+  mmsae's own keys go under ``metadata.mmsae``.
+
+A Matryoshka SAE is a TopK / BatchTopK SAE at inference, so both layouts carry it: other tools
+load it as that plain SAE (same encode and decode), mmsae also restores its ``matryoshka_groups``.
 
 A folder (or hub repo) with one sub-folder per hook point, as sparsify writes and the paper's
 SAE is released, loads with ``hook_point=`` (or on its own if it holds a single SAE).
@@ -38,7 +42,8 @@ def save_sae(sae: SparseAutoencoder, path, layout: Literal["sparsify", "saelens"
     cfg = sae.cfg
     state = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in sae.state_dict().items()}
     mmsae_keys = {"architecture": cfg.architecture, "model": cfg.model, "layer": cfg.layer,
-                  "hook_point": cfg.hook_point, "input_scale": cfg.input_scale}
+                  "hook_point": cfg.hook_point, "input_scale": cfg.input_scale, "matryoshka_groups": cfg.matryoshka_groups,
+                  "token_exclusion": cfg.token_exclusion}
     if layout == "sparsify":
         save_tensors(folder / SPARSIFY_WEIGHTS, state)
         write_json(folder / CFG, {
@@ -100,7 +105,8 @@ def _load_sparsify(folder: Path, cfg: dict) -> SparseAutoencoder:
         d_in=d, num_latents=n, k=int(cfg.get("k", 32)),
         architecture=cfg.get("architecture", "topk"), normalize_decoder=bool(cfg.get("normalize_decoder", True)),
         model=cfg.get("model"), layer=cfg.get("layer"), hook_point=cfg.get("hook_point"),
-        input_scale=float(cfg.get("input_scale", 1.0)))
+        input_scale=float(cfg.get("input_scale", 1.0)), matryoshka_groups=cfg.get("matryoshka_groups"),
+        token_exclusion=cfg.get("token_exclusion"))
     if sae_cfg.architecture != "topk":
         _need(tensors, ["threshold"], weights)
     return _with_weights(sae_cfg, tensors)
@@ -167,7 +173,8 @@ def _load_saelens(folder: Path, cfg: dict) -> SparseAutoencoder:
         model=mmsae_keys.get("model") or meta.get("model_name") or cfg.get("model_name"),
         layer=layer if layer is not None else _saelens_layer(hook_name),
         hook_point=mmsae_keys.get("hook_point") or hook_name,
-        input_scale=float(mmsae_keys.get("input_scale", 1.0)))
+        input_scale=float(mmsae_keys.get("input_scale", 1.0)), matryoshka_groups=mmsae_keys.get("matryoshka_groups"),
+        token_exclusion=mmsae_keys.get("token_exclusion"))
     state = {"encoder.weight": w_enc.t().contiguous(), "encoder.bias": b_enc, "W_dec": tensors["W_dec"], "b_dec": b_dec}
     if threshold is not None:
         state["threshold"] = threshold

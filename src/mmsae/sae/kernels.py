@@ -48,23 +48,29 @@ class ActiveSet:
 
     ``add_weight_grad`` adds coeffs[b, j] * vectors[b] to row indices[b, j] of a gradient and
     ``row_dots`` gives weight[indices[b, j]] . vectors[b], each as one sparse product.
+
+    ``bags`` [B, k] (with ``n_bags``) puts pair (b, j) in column bags[b, j] instead of b: the
+    vectors are then one per bag (the Matryoshka decode's bag is a (token, group) pair).
     """
 
-    def __init__(self, indices: torch.Tensor, n: int):
+    def __init__(self, indices: torch.Tensor, n: int, bags: torch.Tensor | None = None, n_bags: int | None = None):
         batch, k = indices.shape
         self.shape = (n, batch, k)
+        self.n_columns = batch if bags is None else n_bags
         flat = indices.reshape(-1)
         self.order = torch.argsort(flat, stable=True)
-        self.tokens = torch.div(self.order, k, rounding_mode="floor")
+        if bags is None:
+            self.tokens = torch.div(self.order, k, rounding_mode="floor")
+        else:
+            self.tokens = bags.reshape(-1)[self.order]
         # row pointers: how many pairs have a latent below each row (bincount would sync a GPU)
         self.crow = torch.searchsorted(flat[self.order], torch.arange(n + 1, device=indices.device))
 
     def _matrix(self, coeffs: torch.Tensor) -> torch.Tensor:
-        n, batch, _ = self.shape
-        return _csr_warning_free(self.crow, self.tokens, coeffs.reshape(-1)[self.order], (n, batch))
+        return _csr_warning_free(self.crow, self.tokens, coeffs.reshape(-1)[self.order], (self.shape[0], self.n_columns))
 
     def add_weight_grad(self, target: torch.Tensor, coeffs: torch.Tensor, vectors: torch.Tensor) -> None:
-        """target[indices[b, j]] += coeffs[b, j] * vectors[b] for every active pair."""
+        """target[indices[b, j]] += coeffs[b, j] * vectors[b] (vectors[bags[b, j]] with bags) for every active pair."""
         dtype = _sparse_dtype(target.dtype)
         into = target if dtype == target.dtype else torch.zeros_like(target, dtype=dtype)
         into.addmm_(self._matrix(coeffs.to(dtype)), vectors.to(dtype))
@@ -72,7 +78,7 @@ class ActiveSet:
             target.add_(into.to(target.dtype))
 
     def row_dots(self, weight: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """[B, k]: weight[indices[b, j]] . vectors[b] for every active pair."""
+        """[B, k]: weight[indices[b, j]] . vectors[b] (vectors[bags[b, j]] with bags) for every active pair."""
         dtype = _sparse_dtype(weight.dtype)
         pattern = self._matrix(torch.zeros(self.order.numel(), dtype=dtype, device=weight.device))
         sampled = torch.sparse.sampled_addmm(pattern, weight.to(dtype), vectors.to(dtype).t(), beta=0).values()
@@ -183,6 +189,54 @@ class SparseDecode(torch.autograd.Function):
             active.add_weight_grad(target, values, grad_out)
             grad_weight = None if in_place else target
         return grad_values, None, grad_weight
+
+
+class SparseGroupDecode(torch.autograd.Function):
+    """(values [B, k], indices [B, k], weight [n, d], ends [G]) -> [B, G, d]: for each token, the
+    decode of its active latents in each group (group g = latents ends[g-1] <= i < ends[g]).
+
+    One pass over the k active rows per token, as in ``SparseDecode``: each token's pairs are
+    sorted by latent, so every group's pairs are contiguous and form one bag of ``embedding_bag``.
+    The backward is ``SparseDecode``'s with one sparse column per (token, group) bag.
+    """
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor):
+        batch, k = indices.shape
+        groups = ends.numel()
+        sorted_indices, perm = indices.sort(dim=1)
+        sorted_values = values.gather(1, perm)
+        # bag (b, g) starts where token b's sorted latents reach the end of group g - 1
+        starts = torch.searchsorted(sorted_indices, ends[:-1].expand(batch, groups - 1).contiguous())
+        starts = torch.cat([torch.zeros(batch, 1, dtype=starts.dtype, device=starts.device), starts], dim=1)
+        offsets = (starts + torch.arange(batch, device=indices.device).unsqueeze(1) * k).reshape(-1)
+        out = F.embedding_bag(sorted_indices.reshape(-1), weight, offsets, mode="sum",
+                              per_sample_weights=sorted_values.reshape(-1).to(weight.dtype))
+        ctx.save_for_backward(values, indices, weight, ends)
+        return out.view(batch, groups, weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        values, indices, weight, ends = ctx.saved_tensors
+        batch, groups = grad_out.shape[:2]
+        bags = torch.bucketize(indices, ends, right=True) + torch.arange(batch, device=indices.device).unsqueeze(1) * groups
+        active = ActiveSet(indices, weight.shape[0], bags, batch * groups)
+        grad_out = grad_out.reshape(batch * groups, -1).contiguous()
+        grad_values = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_values = active.row_dots(weight, grad_out).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            target, in_place = _grad_target(weight)
+            active.add_weight_grad(target, values, grad_out)
+            grad_weight = None if in_place else target
+        return grad_values, None, grad_weight, None
+
+
+def sparse_decode_groups(values: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Differentiable per-group sparse decode [B, G, d] (see ``SparseGroupDecode``); ``ends`` [G]
+    are the groups' end latents (the last is n). Its cumulative sum over groups gives the
+    reconstructions from each prefix of the groups (Matryoshka)."""
+    return SparseGroupDecode.apply(values, indices, weight, ends)
 
 
 def sparse_encode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,8 +9,10 @@ positions when the SAE's reconstruction replaces the layer's output (a) at image
 the same positions: CE increase, CE recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean) and
 the KL divergence of the spliced next-token distribution from the clean one.
 
-Every figure is split by token type (image / text / all). Output: ``metrics.json`` plus a
-printed table.
+Every figure is split by token type (image / text / all). With a token-exclusion rule (the
+options, or else the one the SAE was trained with: attention sinks, special tokens), every figure
+is also given without those tokens (``*_without_excluded``; splicing leaves them as the model
+made them). Output: ``metrics.json`` plus a printed table.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..config import check_config
 from ..errors import MmsaeError
-from ..io import write_json
+from ..exclusion import TokenExclusion, sequence_keep
+from ..io import check_own_file, write_json
 from .formats import load_sae
 from .model import SparseAutoencoder
 
 DENSE_FREQUENCY = 0.1  # a latent firing on more than 10% of tokens counts as dense
+KINDS = ("all", "image", "text")
 
 
 @dataclass
@@ -39,15 +44,20 @@ class EvaluateConfig:
     model: str | None = field(default=None, metadata={"help": "model id or folder (for the spliced-in loss and live activations)"})
     data: str | None = field(default=None, metadata={"help": "data source spec (image folder, .jsonl, HF dataset, shapes:N)"})
     activations: str | None = field(default=None, metadata={"help": "activation store to measure reconstruction on (instead of running the model)"})
-    layer: int | None = field(default=None, metadata={"help": "layer to splice at (default: the SAE's recorded layer)"})
+    layer: int | None = field(default=None, metadata={"help": "layer to splice at (default: the SAE's recorded layer)", "min": 0})
     hook_point: str | None = field(default=None, metadata={"help": "sub-folder of a multi-hook-point SAE repo"})
-    max_samples: int = field(default=64, metadata={"help": "samples of --data to evaluate on"})
-    max_tokens: int = field(default=200_000, metadata={"help": "tokens of --activations to evaluate on"})
-    batch_size: int = field(default=8, metadata={"help": "samples per model forward pass"})
+    max_samples: int = field(default=64, metadata={"help": "samples of --data to evaluate on", "min": 1})
+    max_tokens: int = field(default=200_000, metadata={"help": "tokens of --activations to evaluate on", "min": 1})
+    batch_size: int = field(default=8, metadata={"help": "samples per model forward pass", "min": 1})
     prompt: str | None = field(default=None, metadata={"help": "prompt for samples without text"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
-    histogram_bins: int = field(default=20, metadata={"help": "bins of the log10 latent density histogram"})
+    histogram_bins: int = field(default=20, metadata={"help": "bins of the log10 latent density histogram", "min": 1})
+    exclude_token_ids: list[int] | None = field(default=None, metadata={"help": "also report every figure without the tokens of these ids (default: the rule the SAE was trained with, if any)", "min": 0})
+    exclude_norm_above: float | None = field(default=None, metadata={"help": "also report every figure without the tokens whose norm is above this multiple of their sequence's median token norm (default: the SAE's rule)", "gt": 1})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self):
+        check_config(self)
 
 
 class _ReconStats:
@@ -84,6 +94,7 @@ class _ReconStats:
         counts = torch.histogram(alive.log10().float(), bins=edges).hist if len(alive) else torch.zeros(bins)
         return {"tokens": self.count, "fvu": fvu, "explained_variance": 1 - fvu, "mse": self.sum_err2 / self.count,
                 "l0": self.sum_l0 / self.count, "dead_fraction": float((freq == 0).double().mean()),
+                "alive_fraction": float((freq > 0).double().mean()),  # fired at least once on these tokens
                 "dense_fraction": float((freq > DENSE_FREQUENCY).double().mean()),
                 "density_histogram": {"log10_edges": [round(float(e), 4) for e in edges],
                                       "counts": [int(c) for c in counts], "dead": int((freq == 0).sum())}}
@@ -101,27 +112,58 @@ def _encode_batch(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor
     return recon, values, indices
 
 
-def _store_reconstruction(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.device) -> dict:
+class _ReconByKind:
+    """``_ReconStats`` per token type (all / image / text), over every token and, when there is an
+    exclusion rule, over the tokens it keeps."""
+
+    def __init__(self, d: int, n: int, rule: TokenExclusion):
+        self.rule = rule
+        self.every = {kind: _ReconStats(d, n) for kind in KINDS}
+        self.kept = {kind: _ReconStats(d, n) for kind in KINDS} if rule else None
+
+    def add(self, x, recon, values, indices, is_image: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        for stats, rows in ((self.every, None), (self.kept, keep)):
+            if stats is None:
+                continue
+            if rows is not None:
+                x, recon, values, indices, is_image = x[rows], recon[rows], values[rows], indices[rows], is_image[rows]
+            stats["all"].add(x, recon, values, indices)
+            stats["image"].add(x[is_image], recon[is_image], values[is_image], indices[is_image])
+            stats["text"].add(x[~is_image], recon[~is_image], values[~is_image], indices[~is_image])
+
+    def result(self, bins: int, where: str) -> dict:
+        """``reconstruction`` and, with a rule, ``reconstruction_without_excluded`` and ``exclusion``."""
+        out = {"reconstruction": {kind: s.result(bins) for kind, s in self.every.items()}}
+        if self.kept is not None:
+            self.rule.check_kept(self.kept["all"].count, where)
+            out["reconstruction_without_excluded"] = {kind: s.result(bins) for kind, s in self.kept.items()}
+            out["exclusion"] = {**self.rule.to_dict(),
+                                "excluded_tokens": {kind: self.every[kind].count - self.kept[kind].count for kind in KINDS}}
+        return out
+
+
+def _store_reconstruction(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.device, rule: TokenExclusion) -> dict:
     from ..activations import ActivationStore
 
     store = ActivationStore(cfg.activations)
     if store.d != sae.cfg.d_in:
         raise MmsaeError(f"store {cfg.activations} has width {store.d} but the SAE expects d_in={sae.cfg.d_in}; use the matching SAE or store")
-    stats = {kind: _ReconStats(sae.cfg.d_in, sae.cfg.num_latents) for kind in ("all", "image", "text")}
+    stats = _ReconByKind(sae.cfg.d_in, sae.cfg.num_latents, rule)
     seen = 0
     for shard in tqdm(store.iter_shards(), total=len(store.shards), desc="evaluate", disable=not cfg.progress):
+        # the rule sees whole samples (their median norm) before the token budget cuts the shard
+        keep = rule.keep(shard["acts"].float().norm(dim=1), shard["sample"], shard.get("token")) if rule else None
         x = shard["acts"].float().to(device)[: cfg.max_tokens - seen]
         is_image = shard["is_image"][: x.shape[0]].to(device)
+        keep = keep[: x.shape[0]].to(device) if keep is not None else None
         for start in range(0, x.shape[0], 4096):
             xb, ib = x[start:start + 4096], is_image[start:start + 4096]
             recon, values, indices = _encode_batch(sae, xb)
-            stats["all"].add(xb, recon, values, indices)
-            stats["image"].add(xb[ib], recon[ib], values[ib], indices[ib])
-            stats["text"].add(xb[~ib], recon[~ib], values[~ib], indices[~ib])
+            stats.add(xb, recon, values, indices, ib, keep[start:start + 4096] if keep is not None else None)
         seen += x.shape[0]
         if seen >= cfg.max_tokens:
             break
-    return {kind: s.result(cfg.histogram_bins) for kind, s in stats.items()}
+    return stats.result(cfg.histogram_bins, f"store {cfg.activations}")
 
 
 def _masks(layouts, shape, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +175,10 @@ def _masks(layouts, shape, device) -> tuple[torch.Tensor, torch.Tensor]:
     return image, text
 
 
-def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.device, need_recon: bool) -> tuple[dict, dict | None]:
+def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.device, need_recon: bool,
+                   rule: TokenExclusion = TokenExclusion()) -> tuple[dict, dict | None]:
+    """``spliced`` (and with a rule ``spliced_without_excluded``: the excluded positions keep the
+    model's own activation), and the reconstruction entries when ``need_recon``."""
     from ..data.sources import DEFAULT_PROMPT, open_source
     from ..hooks import edit
     from ..models import load_adapter
@@ -148,9 +193,11 @@ def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.de
         raise MmsaeError(f"{cfg.model} layer {layer} has width {adapter.hidden_size} but the SAE expects d_in={sae.cfg.d_in}")
     module = adapter.layer_module(layer)
     source = open_source(cfg.data, prompt=cfg.prompt or DEFAULT_PROMPT)
-    recon_stats = {kind: _ReconStats(sae.cfg.d_in, sae.cfg.num_latents) for kind in ("all", "image", "text")}
-    variants = ("clean", *(f"{how}_{where}" for how in ("sae", "zero") for where in ("image", "text", "all")))
+    recon_stats = _ReconByKind(sae.cfg.d_in, sae.cfg.num_latents, rule)
+    suffixes = ("", "_kept") if rule else ("",)  # _kept: spliced only where the rule keeps the token
+    variants = ("clean", *(f"{how}_{where}{s}" for how in ("sae", "zero") for where in KINDS for s in suffixes))
     sums = {v: {"ce": 0.0, "kl": 0.0} for v in variants}
+    excluded = dict.fromkeys(KINDS, 0)
     n_targets = 0
     samples = list(source.samples(stop=cfg.max_samples))
     if not samples:
@@ -183,38 +230,46 @@ def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.de
 
         clean = run(clean_capture)
         hidden = captured["hidden"]
+        keep = sequence_keep(rule, hidden, image_mask | text_mask, ids)
         recon_full = sae(hidden.reshape(-1, hidden.shape[-1])).reshape(hidden.shape).to(hidden.dtype)
         if need_recon:
             flat = hidden.reshape(-1, hidden.shape[-1]).float()
-            recon, values, indices = _encode_batch(sae, flat)
-            img, txt = image_mask.reshape(-1), text_mask.reshape(-1)
-            for kind, m in (("all", img | txt), ("image", img), ("text", txt)):
-                recon_stats[kind].add(flat[m], recon[m], values[m], indices[m])
+            real = (image_mask | text_mask).reshape(-1)
+            recon, values, indices = _encode_batch(sae, flat[real])
+            recon_stats.add(flat[real], recon, values, indices, image_mask.reshape(-1)[real],
+                            keep.reshape(-1)[real] if rule else None)
         sums["clean"]["ce"] += float(-clean.gather(-1, targets[:, None]).sum())
         for where, mask in (("image", image_mask), ("text", text_mask), ("all", image_mask | text_mask)):
-            for how in ("sae", "zero"):
-                replacement = recon_full if how == "sae" else torch.zeros_like(hidden)
+            excluded[where] += int((mask & ~keep).sum())
+            for suffix, at in (("", mask), ("_kept", mask & keep))[:len(suffixes)]:
+                for how in ("sae", "zero"):
+                    replacement = recon_full if how == "sae" else torch.zeros_like(hidden)
 
-                def splice(h, mask=mask, replacement=replacement):
-                    return torch.where(mask[..., None], replacement, h)
+                    def splice(h, at=at, replacement=replacement):
+                        return torch.where(at[..., None], replacement, h)
 
-                logp = run(splice)
-                name = f"{how}_{where}"
-                sums[name]["ce"] += float(-logp.gather(-1, targets[:, None]).sum())
-                sums[name]["kl"] += float(F.kl_div(logp, clean, log_target=True, reduction="sum"))
+                    logp = run(splice)
+                    name = f"{how}_{where}{suffix}"
+                    sums[name]["ce"] += float(-logp.gather(-1, targets[:, None]).sum())
+                    sums[name]["kl"] += float(F.kl_div(logp, clean, log_target=True, reduction="sum"))
     if n_targets == 0:
         raise MmsaeError(f"data {cfg.data} has no text positions to measure next-token loss on")
     ce = {v: sums[v]["ce"] / n_targets for v in variants}
-    spliced = {"targets": n_targets, "ce_clean": ce["clean"]}
-    for where in ("image", "text", "all"):
-        ce_sae, ce_zero = ce[f"sae_{where}"], ce[f"zero_{where}"]
-        gap = ce_zero - ce["clean"]
-        spliced[where] = {"ce_sae": ce_sae, "ce_zero_ablation": ce_zero, "ce_increase": ce_sae - ce["clean"],
-                          "ce_recovered": (ce_zero - ce_sae) / gap if abs(gap) > 1e-9 else None,
-                          "kl_sae": sums[f"sae_{where}"]["kl"] / n_targets,
-                          "kl_zero_ablation": sums[f"zero_{where}"]["kl"] / n_targets}
-    recon = {kind: s.result(cfg.histogram_bins) for kind, s in recon_stats.items()} if need_recon else None
-    return spliced, recon
+    out = {}
+    for suffix, name in zip(suffixes, ("spliced", "spliced_without_excluded")):
+        spliced = {"targets": n_targets, "ce_clean": ce["clean"]}
+        if suffix:
+            spliced["excluded_positions"] = excluded  # spliced nowhere: the model's own activation stays
+        for where in KINDS:
+            ce_sae, ce_zero = ce[f"sae_{where}{suffix}"], ce[f"zero_{where}{suffix}"]
+            gap = ce_zero - ce["clean"]
+            spliced[where] = {"ce_sae": ce_sae, "ce_zero_ablation": ce_zero, "ce_increase": ce_sae - ce["clean"],
+                              "ce_recovered": (ce_zero - ce_sae) / gap if abs(gap) > 1e-9 else None,
+                              "kl_sae": sums[f"sae_{where}{suffix}"]["kl"] / n_targets,
+                              "kl_zero_ablation": sums[f"zero_{where}{suffix}"]["kl"] / n_targets}
+        out[name] = spliced
+    recon = recon_stats.result(cfg.histogram_bins, f"data {cfg.data}") if need_recon else None
+    return out, recon
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
@@ -222,23 +277,25 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
     if not cfg.activations and not (cfg.model and cfg.data):
         raise MmsaeError("give --activations STORE, or --model and --data (or both)")
+    out = Path(cfg.out)
+    path = check_own_file(out if out.suffix == ".json" else out / "metrics.json", ("sae", "num_latents"))  # before the work
     sae = load_sae(cfg.sae, hook_point=cfg.hook_point, device=device).eval()
     metrics: dict = {"sae": str(cfg.sae), "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in,
                      "num_latents": sae.cfg.num_latents, "k": sae.cfg.k, "model": cfg.model or sae.cfg.model,
                      "layer": cfg.layer if cfg.layer is not None else sae.cfg.layer, "hook_point": sae.cfg.hook_point}
+    # with and without the tokens the options (or else the rule the SAE was trained with) leave out
+    rule = TokenExclusion.of(cfg) or TokenExclusion.from_dict(sae.cfg.token_exclusion)
     if cfg.activations:
-        metrics["reconstruction"] = _store_reconstruction(sae, cfg, device)
+        metrics.update(_store_reconstruction(sae, cfg, device, rule))
         metrics["reconstruction_source"] = str(cfg.activations)
     if cfg.model and cfg.data:
-        spliced, recon = _model_metrics(sae, cfg, device, need_recon=not cfg.activations)
-        metrics["spliced"] = spliced
+        spliced, recon = _model_metrics(sae, cfg, device, need_recon=not cfg.activations, rule=rule)
+        metrics.update(spliced)
         if recon is not None:
-            metrics["reconstruction"] = recon
+            metrics.update(recon)
             metrics["reconstruction_source"] = f"{cfg.model} on {cfg.data}"
         metrics["data"] = cfg.data
-    out = Path(cfg.out)
-    path = out if out.suffix == ".json" else out / "metrics.json"
-    write_json(path, metrics)
+    write_json(check_own_file(path, ("sae", "num_latents")), metrics)
     print(format_table(metrics), file=sys.stderr)
     return metrics
 
@@ -256,14 +313,20 @@ def format_table(metrics: dict) -> str:
     kinds = ("all", "image", "text")
     lines = [f"SAE {metrics['sae']} ({metrics['architecture']}, {metrics['num_latents']} latents, k={metrics['k']})",
              f"{'metric':<26}" + "".join(f"{k:>12}" for k in kinds)]
-    recon = metrics.get("reconstruction")
-    if recon:
-        for key in ("tokens", "fvu", "explained_variance", "l0", "dead_fraction", "dense_fraction"):
-            lines.append(f"{key:<26}" + "".join(f"{_fmt(recon[k].get(key)):>12}" for k in kinds))
-    spliced = metrics.get("spliced")
-    if spliced:
-        lines.append(f"{'ce_clean (text targets)':<26}{_fmt(spliced['ce_clean']):>12}")
-        lines.append("spliced at positions of:")
-        for key in ("ce_sae", "ce_increase", "ce_zero_ablation", "ce_recovered", "kl_sae", "kl_zero_ablation"):
-            lines.append(f"{key:<26}" + "".join(f"{_fmt(spliced[k].get(key)):>12}" for k in kinds))
+    rule = TokenExclusion.from_dict(metrics.get("exclusion")).describe()
+    for name, title in (("reconstruction", None), ("reconstruction_without_excluded", f"without the tokens {rule} leaves out:")):
+        recon = metrics.get(name)
+        if recon:
+            lines += [title] if title else []
+            for key in ("tokens", "fvu", "explained_variance", "l0", "alive_fraction", "dead_fraction", "dense_fraction"):
+                lines.append(f"{key:<26}" + "".join(f"{_fmt(recon[k].get(key)):>12}" for k in kinds))
+    for name, title in (("spliced", "spliced at positions of:"),
+                        ("spliced_without_excluded", "spliced at positions of, excluded tokens left as they are:")):
+        spliced = metrics.get(name)
+        if spliced:
+            if name == "spliced":
+                lines.append(f"{'ce_clean (text targets)':<26}{_fmt(spliced['ce_clean']):>12}")
+            lines.append(title)
+            for key in ("ce_sae", "ce_increase", "ce_zero_ablation", "ce_recovered", "kl_sae", "kl_zero_ablation"):
+                lines.append(f"{key:<26}" + "".join(f"{_fmt(spliced[k].get(key)):>12}" for k in kinds))
     return "\n".join(lines)

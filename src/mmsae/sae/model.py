@@ -11,6 +11,10 @@ JumpReLU and BatchTopK). Encoding subtracts ``b_dec`` first (the pre-encoder bia
     jumprelu:  z = pre * (pre > threshold)
     recon = z @ W_dec + b_dec
 
+Matryoshka (``matryoshka_groups``, with topk or batchtopk) changes only the training loss: the
+latents form nested groups and every prefix of groups must reconstruct alone (see
+``mmsae.sae.train``). At inference it is exactly the TopK / BatchTopK SAE above.
+
 Weights are always in the units of the raw activations: when training normalises its inputs
 (mean squared norm = d), the scale is folded into the biases afterwards (see ``fold_scale``).
 """
@@ -47,6 +51,11 @@ class SaeConfig:
     hook_point: str | None = None
     # the scale that training multiplied inputs by (already folded into the weights; a record)
     input_scale: float = 1.0
+    # Matryoshka: sizes of the nested latent groups (summing to num_latents), or None. Training
+    # makes every prefix of the groups reconstruct alone; encoding and decoding ignore it.
+    matryoshka_groups: list[int] | None = None
+    # the tokens training left out (mmsae.exclusion.TokenExclusion.to_dict()); None: none were
+    token_exclusion: dict | None = None
 
     def __post_init__(self):
         if self.num_latents <= 0:
@@ -59,6 +68,13 @@ class SaeConfig:
             raise MmsaeError(f"SAE input width d_in={self.d_in} must be positive")
         if not 0 < self.k <= self.num_latents:
             raise MmsaeError(f"k={self.k} must be between 1 and the number of latents ({self.num_latents}); lower --k or raise --expansion")
+        if self.matryoshka_groups is not None:
+            groups = self.matryoshka_groups = [int(g) for g in self.matryoshka_groups]
+            if self.architecture == "jumprelu":
+                raise MmsaeError("--matryoshka-groups needs --architecture topk or batchtopk (not jumprelu)")
+            if min(groups, default=0) <= 0 or sum(groups) != self.num_latents:
+                raise MmsaeError(f"--matryoshka-groups {' '.join(map(str, groups))} must be positive and sum to the number of latents "
+                                 f"({self.num_latents}) (they sum to {sum(groups)}); fix the sizes or use --matryoshka-fractions")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

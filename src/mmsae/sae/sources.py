@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MmsaeError
+from ..exclusion import TokenExclusion
 
 
 class ActivationSource:
@@ -21,6 +22,8 @@ class ActivationSource:
     model: str | None = None
     layer: int | None = None
     hook_point: str | None = None
+    # the tokens left out of what this source yields (at harvest and here): recorded in the SAE cfg
+    exclusion: TokenExclusion = TokenExclusion()
 
     def batches(self, local_batch: int, seed: int, rank: int, world: int, skip: int = 0) -> Iterator[torch.Tensor]:
         raise NotImplementedError
@@ -77,7 +80,7 @@ class TensorSource(ActivationSource):
 class StoreSource(ActivationSource):
     """A harvested ``ActivationStore`` (rank r reads its slice of each global batch)."""
 
-    def __init__(self, path: str, tokens: str = "all"):
+    def __init__(self, path: str, tokens: str = "all", exclude: TokenExclusion = TokenExclusion()):
         from ..activations import ActivationStore
 
         if not (Path(path) / "manifest.json").exists() and not any(Path(path).glob("progress-*.json")):
@@ -85,17 +88,22 @@ class StoreSource(ActivationSource):
         self.store = ActivationStore(path)
         self.tokens = tokens
         self.d = self.store.d
-        self.n_tokens = self.store.count(tokens)
+        self.exclude = exclude or None  # applied here, on top of what the harvest left out
+        self.n_tokens = self.store.count(tokens, self.exclude)
+        if exclude:
+            exclude.check_kept(self.n_tokens, f"store {path}" + (f" (--tokens {tokens})" if tokens != "all" else ""))
         cfg = self.store.cfg
+        self.exclusion = exclude.union(TokenExclusion.from_dict(cfg["harvest"]))
         self.model, self.layer, self.hook_point = cfg.get("model"), cfg.get("layer"), cfg.get("hook_point")
 
     def batches(self, local_batch, seed, rank, world, skip=0):
         return self.store.batches(local_batch, shuffle=True, seed=seed, rank=rank, world=world, epochs=None,
-                                  start_batch=skip, tokens=self.tokens, drop_last=True)
+                                  start_batch=skip, tokens=self.tokens, drop_last=True, exclude=self.exclude)
 
     def sample(self, n, seed):
         n = max(1, min(n, self.n_tokens))
-        return next(iter(self.store.batches(n, shuffle=True, seed=seed + 7777, rank=0, world=1, tokens=self.tokens)))
+        return next(iter(self.store.batches(n, shuffle=True, seed=seed + 7777, rank=0, world=1, tokens=self.tokens,
+                                            exclude=self.exclude)))
 
     def describe(self):
         return str(self.store.path)
@@ -109,7 +117,7 @@ class LiveSource(ActivationSource):
     """
 
     def __init__(self, model: str, layer: int, data: str, capacity: int, model_batch: int,
-                 max_samples: int | None, prompt: str | None, device: str):
+                 max_samples: int | None, prompt: str | None, device: str, exclude: TokenExclusion = TokenExclusion()):
         from ..data.sources import DEFAULT_PROMPT, open_source
         from ..models import load_adapter
 
@@ -121,30 +129,41 @@ class LiveSource(ActivationSource):
         self.d = self.adapter.hidden_size
         self.model, self.layer, self.hook_point = model, layer, self.adapter.hook_point(layer)
         self.capacity, self.model_batch, self.max_samples = capacity, model_batch, max_samples
+        self.exclusion = exclude
 
     def _token_rows(self, rank: int, world: int) -> Iterator[torch.Tensor]:
         from ..hooks import run_until
 
         while True:  # epochs over the data
-            batch, produced = [], False
+            batch, produced, kept = [], False, 0
             for sample in self.data.samples(rank=rank, world=world, stop=self.max_samples):
                 batch.append(sample)
                 if len(batch) == self.model_batch:
                     produced = True
-                    yield self._run(batch, run_until)
+                    rows = self._run(batch, run_until)
+                    kept += len(rows)
+                    yield rows
                     batch = []
             if batch:
                 produced = True
-                yield self._run(batch, run_until)
+                rows = self._run(batch, run_until)
+                kept += len(rows)
+                yield rows
             if not produced:
                 raise MmsaeError(f"data {self.data_spec} gave no samples for rank {rank}")
+            if self.exclusion:
+                self.exclusion.check_kept(kept, f"data {self.data_spec}")
 
     def _run(self, batch, run_until) -> torch.Tensor:
         inputs = self.adapter.build_inputs([s.image for s in batch], [s.text for s in batch])
         hidden = run_until(self.adapter, self.layer, inputs)
+        ids = inputs.inputs.get("input_ids")
         rows = []
         for i, layout in enumerate(inputs.layouts):
             pos = torch.cat([layout.positions.long(), layout.text_positions.long()]).to(hidden.device)
+            if self.exclusion:  # the median norm is over the sequence's image and text positions
+                pos = pos[self.exclusion.keep(hidden[i, pos].float().norm(dim=-1), None,
+                                              ids[i].to(pos.device)[pos] if ids is not None else None)]
             rows.append(hidden[i].index_select(0, pos))
         return torch.cat(rows).float().cpu()
 
@@ -182,7 +201,10 @@ class LiveSource(ActivationSource):
 
 def open_activation_source(cfg) -> ActivationSource:
     """The source a ``TrainConfig`` (or ``EvaluateConfig``) names."""
+    exclude = TokenExclusion.of(cfg)
     if cfg.activations and str(cfg.activations).startswith("synthetic:"):
+        if exclude:
+            raise MmsaeError(f"{exclude.describe()} needs an activation store or a live model; synthetic activations have no sequences")
         from .synthetic import SyntheticConfig, generate
 
         acts, _ = generate(SyntheticConfig.from_spec(cfg.activations))
@@ -191,11 +213,11 @@ def open_activation_source(cfg) -> ActivationSource:
         path = Path(cfg.activations)
         if not path.exists():
             raise MmsaeError(f"activation store {path} does not exist; run `mmsae harvest` first or fix --activations")
-        return StoreSource(str(path), getattr(cfg, "tokens", "all"))
+        return StoreSource(str(path), getattr(cfg, "tokens", "all"), exclude)
     if getattr(cfg, "model", None) and getattr(cfg, "layer", None) is not None and getattr(cfg, "data", None):
         device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
         if cfg.steps is None and cfg.max_tokens is None:
             raise MmsaeError("live training (--model/--layer/--data) needs --steps or --max-tokens")
         return LiveSource(cfg.model, cfg.layer, cfg.data, cfg.shuffle_buffer, cfg.model_batch_size, cfg.max_samples,
-                          cfg.prompt, device)
+                          cfg.prompt, device, exclude)
     raise MmsaeError("give --activations STORE (or synthetic:...), or --model, --layer and --data for live training")

