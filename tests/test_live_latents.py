@@ -428,9 +428,10 @@ def test_two_processes_resample_as_one_does(tmp_path):
                           str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = load_file(str(tmp_path / "one" / "sae.safetensors")), load_file(str(tmp_path / "two" / "sae.safetensors"))
-    # many rarely-firing latents: Adam's first steps turn float-order differences into ~1e-4 (so
-    # does this run without resampling); a different draw would move whole rows by ~1
+    # many rarely-firing latents: Adam normalises their tiny gradients, so float-order differences
+    # between one and two processes can flip an update's sign; Adam moves an element at most lr per
+    # step, which bounds that at steps x lr = 1.2e-2. A different draw moves whole rows by about 1.
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=2e-3), (name, (a[name] - b[name]).abs().max())
+        assert torch.allclose(a[name], b[name], atol=4 * 3e-3), (name, (a[name] - b[name]).abs().max())
     resampled = [json.loads((tmp_path / r / "train_state.json").read_text())["schedule"]["resampled"] for r in ("one", "two")]
     assert resampled[0] == resampled[1] > 0

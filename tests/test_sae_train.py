@@ -68,7 +68,7 @@ def test_training_recovers_planted_directions(tmp_path, synthetic):
 @pytest.mark.parametrize("arch", ["batchtopk", "jumprelu"])
 def test_other_architectures_train(tmp_path, synthetic, arch):
     acts, directions = synthetic
-    train(small_cfg(tmp_path / arch, architecture=arch, steps=60, log_every=60, checkpoint_every=1000), source=acts)
+    train(small_cfg(tmp_path / arch, architecture=arch, steps=200, log_every=200, checkpoint_every=1000), source=acts)
     sae = load_sae(tmp_path / arch).requires_grad_(False)
     assert sae.cfg.architecture == arch
     x = acts[:2000]

@@ -89,7 +89,11 @@ def harvest(cfg: HarvestConfig) -> ActivationStore:
     """
     rank, world, own_group = _init_distributed()
     try:
-        out = claim_dir(cfg.out, "harvest", cfg.overwrite, legacy=_is_store_folder)
+        out = Path(cfg.out)
+        if rank == 0:  # one claim: ranks checking an empty folder at once would see each other's marker
+            claim_dir(out, "harvest", cfg.overwrite, legacy=_is_store_folder)
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
         progress = _start_progress(out, cfg, rank, world)
         if not progress["done"]:
             _harvest_rank(cfg, out, progress, rank, world)
