@@ -328,3 +328,11 @@ def test_ctrl_c_exits_130(index_path, tmp_path):
     assert rc == 130, run.stderr.read()
     assert time.monotonic() - t0 < 5  # the requests in flight were cut short, not waited for
     assert run.stderr.read().strip().splitlines() == ["mmsae explain: interrupted; rerun the same command to resume"]
+
+
+def test_a_bad_base_url_is_refused_before_the_index_is_read(tmp_path):
+    from mmsae.explain import ExplainConfig
+
+    # the index folder does not even exist: the URL is what the user hears about first
+    with pytest.raises(MmsaeError, match=r"--base-url 'ftp://host/v1' is not an http:// or https:// URL"):
+        ExplainConfig(index=str(tmp_path / "no-index"), out=str(tmp_path / "e.jsonl"), base_url="ftp://host/v1")

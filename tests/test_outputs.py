@@ -304,6 +304,43 @@ def test_score_never_replaces_user_score_files(tmp_path):
         (run / name).unlink()
 
 
+def _scored_run(run, first_sample: int = 0):
+    """An index whose feature 0 fires on three shapes-world scenes, explained as "red"."""
+    from mmsae.data.shapes import ShapesWorld
+
+    world = ShapesWorld(seed=1, size=32)
+    w = IndexWriter(run / "index", num_latents=2, top_n=3, data=f"shapes:{first_sample}")
+    for i in range(first_sample, first_sample + 3):
+        sample = world.sample(i)
+        w.add_sample(i, sample.image, _layout(), meta=sample.meta)
+        w.add_example(0, i, np.linspace(0, 1, 16))
+    return w.finish()
+
+
+def test_score_refuses_explanations_of_another_index_and_a_held_lock(tmp_path):
+    from mmsae.score import ScoreConfig, score
+
+    run = tmp_path / "run"
+    index = _scored_run(run)
+    other = _scored_run(tmp_path / "other", first_sample=10)
+    assert other.fingerprint != index.fingerprint
+    cfg = ScoreConfig(run=str(run), scorers=["iou"], segmenter="oracle", baselines=["full_mask"])
+    row = {"feature": 0, "explanation": "red", "index_fingerprint": other.fingerprint}
+    (run / "explanations.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(MmsaeError, match=r"explanations.jsonl holds 1 explanations of another index"):
+        score(cfg)
+    assert not (run / "scores.jsonl").exists()
+    # the index's own rows are scored; a live lock on the output stops a second run before any work
+    (run / "explanations.jsonl").write_text(json.dumps({**row, "index_fingerprint": index.fingerprint}) + "\n")
+    (run / "scores.jsonl.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    with pytest.raises(MmsaeError, match=rf"scores.jsonl is being written by process {os.getpid()}"):
+        score(cfg)
+    assert not (run / "scores.jsonl").exists()
+    (run / "scores.jsonl.lock").unlink()
+    score(cfg)
+    assert {r["feature"] for r in read_jsonl(run / "scores.jsonl")} == {0} and not (run / "scores.jsonl.lock").exists()
+
+
 def test_folder_stages_refuse_a_user_folder(tmp_path):
     from mmsae.demo import DemoConfig
     from mmsae.demo.pipeline import run_pipeline

@@ -26,7 +26,7 @@ from ..io import append_jsonl, check_own_file, latest_rows, output_lock, read_js
 from .backends import (DemoExplainer, Explainer, ExplainRequest, ExplainResult, HFExplainer, OpenAIExplainer,
                        montage, vote)
 from .concepts import keyword_concept, parse_concept_reply
-from .openai_client import DEFAULT_BASE_URL, FatalRequestError, OpenAIClient, TransientRequestError
+from .openai_client import DEFAULT_BASE_URL, FatalRequestError, OpenAIClient, TransientRequestError, check_base_url
 from .prompts import DEFAULT_TEMPLATE, load_template, render
 
 
@@ -61,6 +61,8 @@ class ExplainConfig:
 
     def __post_init__(self):
         check_config(self)
+        if self.backend == "openai" and self.base_url is not None:
+            check_base_url(self.base_url)  # before any work: a typo is not a network failure
 
 
 def _out_path(out: str) -> Path:

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from ..config import check_config
 from ..errors import MmsaeError
-from ..io import append_jsonl, check_own_file, latest_rows, read_json, read_jsonl, write_json, write_text
+from ..io import append_jsonl, check_own_file, latest_rows, output_lock, read_json, read_jsonl, write_json, write_text
 from .baselines import bootstrap_ci, derangement, random_images
 from .detection import QUESTION, ChatJudge, ClipJudge, DetectionItem, OracleJudge, adapter_asker, detect, openai_asker
 from .iou import dataset_iou, intersection_union, iou, netdissect_iou, resolution_ceiling
@@ -427,30 +427,36 @@ def score(cfg: ScoreConfig) -> list[dict]:
     index_dir, explanations_path, out = _paths(cfg)
     index = FeatureIndex(index_dir)
     explanations = _load_explanations(explanations_path)
+    # rows that name another index point at evidence this one may not hold (hand-written rows carry no fingerprint)
+    stale = [f for f, r in explanations.items() if r.get("index_fingerprint") not in (None, index.fingerprint)]
+    if stale:
+        raise MmsaeError(f"{explanations_path} holds {len(stale)} explanations of another index than {index_dir} "
+                         f"(e.g. feature {stale[0]}); explain this index into a new file, or pass the index they came from")
     indexed = set(index.features())
     features = sorted(f for f in explanations if f in indexed)
     if not features:
         raise MmsaeError(f"no feature in {explanations_path} has examples in {index_dir}; "
                          "were they made from the same SAE?")
-    rows = _resume(out, cfg)
-    done = {int(r["feature"]) for r in rows}
-    todo = [f for f in features if f not in done]
-    if cfg.max_features is not None:
-        todo = todo[:max(0, cfg.max_features - len(done & set(features)))]
-    scorer = _Scorer(cfg, index, explanations, features)
-    scorer.embed_ahead(todo)
-    for feature in tqdm(todo, desc="score", unit="feature", disable=not todo):
-        feature_rows = scorer.score_feature(feature)
-        append_jsonl(out / "scores.jsonl", feature_rows)
-        rows.extend(feature_rows)
-    summary = summarize(rows, seed=cfg.seed, n_boot=cfg.n_boot)
-    table = markdown_table(summary)
-    header = (f"Scores of {len({r['feature'] for r in rows})} features ({', '.join(cfg.scorers)}); "
-              f"segmenter {cfg.segmenter}, binarization {cfg.binarization}, top {cfg.top}"
-              + (f", detection judge {cfg.judge}" if "detection" in cfg.scorers else "")
-              + (f", MS encoder {cfg.ms_model}" if "monosemanticity" in cfg.scorers else "")
-              + "; mean [95% bootstrap CI over features].\n\n")
-    write_text(out / "scores.md", header + table)
-    write_text(out / "scores.csv", csv_table(summary))
+    with output_lock(out / "scores.jsonl"):  # two runs on one folder would score every feature twice
+        rows = _resume(out, cfg)
+        done = {int(r["feature"]) for r in rows}
+        todo = [f for f in features if f not in done]
+        if cfg.max_features is not None:
+            todo = todo[:max(0, cfg.max_features - len(done & set(features)))]
+        scorer = _Scorer(cfg, index, explanations, features)
+        scorer.embed_ahead(todo)
+        for feature in tqdm(todo, desc="score", unit="feature", disable=not todo):
+            feature_rows = scorer.score_feature(feature)
+            append_jsonl(out / "scores.jsonl", feature_rows)
+            rows.extend(feature_rows)
+        summary = summarize(rows, seed=cfg.seed, n_boot=cfg.n_boot)
+        table = markdown_table(summary)
+        header = (f"Scores of {len({r['feature'] for r in rows})} features ({', '.join(cfg.scorers)}); "
+                  f"segmenter {cfg.segmenter}, binarization {cfg.binarization}, top {cfg.top}"
+                  + (f", detection judge {cfg.judge}" if "detection" in cfg.scorers else "")
+                  + (f", MS encoder {cfg.ms_model}" if "monosemanticity" in cfg.scorers else "")
+                  + "; mean [95% bootstrap CI over features].\n\n")
+        write_text(out / "scores.md", header + table)
+        write_text(out / "scores.csv", csv_table(summary))
     print(header + table, file=sys.stdout)
     return summary
