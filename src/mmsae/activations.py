@@ -35,7 +35,7 @@ from .data import Sample
 from .data.sources import DEFAULT_PROMPT, open_source
 from .errors import MmsaeError
 from .exclusion import TokenExclusion
-from .io import claim_dir, is_no_space, no_space_error, read_json, save_tensors, write_json
+from .io import claim_dir, is_no_space, json_format, no_space_error, read_json, save_tensors, write_json
 
 FORMAT = "mmsae-activations"
 VERSION = 1
@@ -182,13 +182,7 @@ def _is_own_shard(path: Path) -> bool:
 
 def _is_store_folder(path: Path) -> bool:
     """A store folder a harvest wrote before output folders were marked (for ``claim_dir``)."""
-    if any(path.glob("progress-*.json")):
-        return True
-    try:
-        manifest = read_json(path / "manifest.json")
-    except MmsaeError:  # none, or not JSON
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    return any(path.glob("progress-*.json")) or json_format(path / "manifest.json") == FORMAT
 
 
 def _device(requested: str) -> str:

@@ -46,7 +46,7 @@ from PIL import Image
 
 from .config import check_config
 from .errors import MmsaeError
-from .io import claim_dir, ensure_dir, no_space_guard, read_json, save_tensors, write_json, write_text
+from .io import claim_dir, ensure_dir, json_format, no_space_guard, read_json, save_tensors, write_json, write_text
 from .models.base import Tile, TokenLayout, image_heatmap
 
 FORMAT = "mmsae-index"
@@ -848,13 +848,7 @@ def _drop_unreferenced_images(out: Path, keep: set[str], written: set[str]) -> N
 
 def _is_index_folder(path: Path) -> bool:
     """An index folder written before output folders were marked (for ``claim_dir``)."""
-    if (path / "checkpoint.safetensors").exists():
-        return True
-    try:
-        manifest = read_json(path / "manifest.json")
-    except MmsaeError:  # none, or not JSON
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    return (path / "checkpoint.safetensors").exists() or json_format(path / "manifest.json") == FORMAT
 
 
 def _resolve_device(device: str) -> str:

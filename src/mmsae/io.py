@@ -170,6 +170,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 OWNER_FILE = ".mmsae-owner.json"  # marks a folder as one stage's output: {"stage", "run", "created"}
 
 
+def json_format(path: str | os.PathLike) -> str | None:
+    """The ``format`` field of a JSON object file, or None (no file, not JSON, no such field)."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj.get("format") if isinstance(obj, dict) else None
+
+
 def folder_owner(path: str | os.PathLike) -> str | None:
     """The stage whose marker ``path`` carries, or None (no marker, or an unreadable one)."""
     try:
