@@ -179,16 +179,21 @@ class SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         values, indices, weight = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        active = ActiveSet(indices, weight.shape[0])
-        grad_values = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_values = active.row_dots(weight, grad_out).to(values.dtype)
-        if ctx.needs_input_grad[2]:
-            target, in_place = _grad_target(weight)
-            active.add_weight_grad(target, values, grad_out)
-            grad_weight = None if in_place else target
+        grad_values, grad_weight = _decode_grads(ctx, ActiveSet(indices, weight.shape[0]), values, weight,
+                                                 grad_out.contiguous())
         return grad_values, None, grad_weight
+
+
+def _decode_grads(ctx, active: "ActiveSet", values: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor):
+    """Gradients of a sparse decode for the values and the weight (each None unless needed)."""
+    grad_values = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_values = active.row_dots(weight, grad_out).to(values.dtype)
+    if ctx.needs_input_grad[2]:
+        target, in_place = _grad_target(weight)
+        active.add_weight_grad(target, values, grad_out)
+        grad_weight = None if in_place else target
+    return grad_values, grad_weight
 
 
 class SparseGroupDecode(torch.autograd.Function):
@@ -221,14 +226,7 @@ class SparseGroupDecode(torch.autograd.Function):
         batch, groups = grad_out.shape[:2]
         bags = torch.bucketize(indices, ends, right=True) + torch.arange(batch, device=indices.device).unsqueeze(1) * groups
         active = ActiveSet(indices, weight.shape[0], bags, batch * groups)
-        grad_out = grad_out.reshape(batch * groups, -1).contiguous()
-        grad_values = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_values = active.row_dots(weight, grad_out).to(values.dtype)
-        if ctx.needs_input_grad[2]:
-            target, in_place = _grad_target(weight)
-            active.add_weight_grad(target, values, grad_out)
-            grad_weight = None if in_place else target
+        grad_values, grad_weight = _decode_grads(ctx, active, values, weight, grad_out.reshape(batch * groups, -1).contiguous())
         return grad_values, None, grad_weight, None
 
 
