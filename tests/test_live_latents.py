@@ -78,8 +78,9 @@ def half_dead(monkeypatch):
 
 
 def run_cfg(out, **kw) -> TrainConfig:
-    base = dict(out=str(out), expansion=4, k=3, batch_size=256, steps=200, lr=4e-3, progress=False, log_every=50,
-                init_tokens=2048, checkpoint_every=10_000)
+    # AuxK on (the default is off) so the dead window's effect on reviving latents shows
+    base = dict(out=str(out), expansion=4, k=3, batch_size=256, steps=200, lr=4e-3, auxk_coefficient=1 / 32, progress=False,
+                log_every=50, init_tokens=2048, checkpoint_every=10_000)
     return TrainConfig(**{**base, **kw})
 
 

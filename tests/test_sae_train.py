@@ -28,7 +28,7 @@ def synthetic():
 
 
 def small_cfg(out, **kw) -> TrainConfig:
-    base = dict(out=str(out), expansion=4, k=3, batch_size=256, steps=12, warmup=3, lr=4e-3, dead_tokens=2000,
+    base = dict(out=str(out), expansion=4, k=3, batch_size=256, steps=12, warmup=3, lr=4e-3, dead_tokens=2000, auxk_coefficient=1 / 32,
                 progress=False, log_every=2, checkpoint_every=4, init_tokens=2048)
     base.update(kw)
     return TrainConfig(**base)
@@ -114,7 +114,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         "from mmsae.sae.train import TrainConfig, train\n"
         "for arch in ('topk', 'batchtopk'):\n"
         "    train(TrainConfig(out=sys.argv[1] + '-' + arch, activations='synthetic:d=16,m=32,k=2,tokens=4096', expansion=2,\n"
-        "                      k=2, batch_size=128, steps=6, warmup=2, lr=3e-3, dead_tokens=256, progress=False,\n"
+        "                      k=2, batch_size=128, steps=6, warmup=2, lr=3e-3, dead_tokens=256, auxk_coefficient=1 / 32,\n"
+        "                      progress=False,\n"
         "                      log_every=3, init_tokens=512, architecture=arch))\n")
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, capture_output=True, text=True)
