@@ -25,22 +25,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from mmsae.demo import DemoConfig, build_demo_model  # noqa: E402
-from mmsae.demo.pipeline import FULL, DemoSizes, run_pipeline  # noqa: E402
+from mmsae.demo.pipeline import FULL, MATRYOSHKA_SINKS, DemoSizes, run_pipeline  # noqa: E402
 from mmsae.index import FeatureIndex  # noqa: E402
 from mmsae.io import read_json, read_jsonl  # noqa: E402
 
-# Matryoshka groups: a small first group that must reconstruct alone (whole objects, scenes),
-# then groups four times larger each.
-NESTED = (1 / 85, 4 / 85, 16 / 85, 64 / 85)
+# the recipe before the defaults changed (peak lr 2e-4 / sqrt(n / 2^14) at d = 576, AuxK 1/32,
+# 100 warm-up steps, a 10M-token dead window that never triggers in a 250k-token run)
+OLD_RECIPE = {"lr": 2e-4 / (16 * 576 / 2**14) ** 0.5, "auxk_coefficient": 1 / 32, "warmup": 100, "dead_tokens": 10_000_000}
 SETTINGS: dict[str, DemoSizes] = {
-    "topk-16x-k4": dataclasses.replace(FULL, architecture="topk", expansion=16, k=4, exclude_norm_above=None),
-    "topk-4x-k4-sink": dataclasses.replace(FULL, architecture="topk", expansion=4, k=4, exclude_norm_above=4.0),
-    "mat-8x-k8-sink": dataclasses.replace(FULL, architecture="batchtopk", expansion=8, k=8, exclude_norm_above=4.0,
-                                          matryoshka_fractions=NESTED),
-    "mat-8x-k16-sink": dataclasses.replace(FULL, architecture="batchtopk", expansion=8, k=16, exclude_norm_above=4.0,
-                                           matryoshka_fractions=NESTED),
-    "mat-4x-k8-sink": dataclasses.replace(FULL, architecture="batchtopk", expansion=4, k=8, exclude_norm_above=4.0,
-                                          matryoshka_fractions=NESTED),
+    "topk-16x-k4": dataclasses.replace(FULL, expansion=16, k=4, train_options={}),
+    "topk-16x-k4-old-recipe": dataclasses.replace(FULL, expansion=16, k=4, train_options=OLD_RECIPE),
+    "mat-8x-k8-sink": dataclasses.replace(FULL, expansion=8, k=8, train_options=MATRYOSHKA_SINKS),
+    "mat-16x-k4-sink": dataclasses.replace(FULL, expansion=16, k=4, train_options=MATRYOSHKA_SINKS),
+    "topk-4x-k4-sink": dataclasses.replace(FULL, expansion=4, k=4, train_options={"exclude_norm_above": 4.0}),
 }
 
 
