@@ -269,14 +269,9 @@ def write_store(path: Path, samples: int = 10, per_sample: int = 8, d: int = 4, 
 
 def one_sparse_sae(d: int = 4) -> SparseAutoencoder:
     """Latents +e_i and -e_i, k = 1: keeps the largest coordinate (by magnitude) of each token."""
-    sae = SparseAutoencoder(SaeConfig(d_in=d, num_latents=2 * d, k=1, layer=1))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.encoder.weight.copy_(torch.cat([eye, -eye]))
-        sae.encoder.bias.zero_()
-        sae.W_dec.copy_(torch.cat([eye, -eye]))
-        sae.b_dec.zero_()
-    return sae
+    from test_sae_metrics import exact_sae
+
+    return exact_sae(d, k=1)
 
 
 def test_store_training_and_evaluation_leave_out_the_sinks(tmp_path):

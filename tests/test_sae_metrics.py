@@ -16,9 +16,10 @@ from tiny_models import tiny_adapter, tiny_model
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def exact_sae(d: int, layer: int | None = 1) -> SparseAutoencoder:
-    """Latents relu(x) and relu(-x) with decoder rows +e_i and -e_i: reconstructs any x exactly (k = d)."""
-    sae = SparseAutoencoder(SaeConfig(d_in=d, num_latents=2 * d, k=d, layer=layer))
+def exact_sae(d: int, layer: int | None = 1, k: int | None = None) -> SparseAutoencoder:
+    """Latents relu(x) and relu(-x) with decoder rows +e_i and -e_i: reconstructs any x exactly
+    (k = d); with k = 1 it keeps each token's largest coordinate by magnitude."""
+    sae = SparseAutoencoder(SaeConfig(d_in=d, num_latents=2 * d, k=k or d, layer=layer))
     eye = torch.eye(d)
     with torch.no_grad():
         sae.encoder.weight.copy_(torch.cat([eye, -eye]))
