@@ -37,14 +37,6 @@ def image_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def text_jsonl(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "text.jsonl"
-    lines = ["hello", "a longer sentence about shapes and colours", "x", "red circle", "blue square on grey"]
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
-    return path
-
-
 def run(tmp_path: Path, family: str, data: Path | str, name: str = "store", **kwargs) -> ActivationStore:
     cfg = HarvestConfig(model=tiny_model(family), layer=kwargs.pop("layer", 1), data=str(data),
                         out=str(tmp_path / name), **kwargs)

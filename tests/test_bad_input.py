@@ -74,14 +74,6 @@ def no_temporaries(folder: Path) -> list[Path]:
 # --- 5. a full disk ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def text_jsonl(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "text.jsonl"
-    lines = ["hello", "a longer sentence about shapes", "x", "red circle", "blue square on grey"]
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
-    return path
-
-
 def test_harvest_full_disk_exits_2_and_resumes(tmp_path, text_jsonl, monkeypatch, capsys):
     args = ["harvest", "--model", tiny_model("llama"), "--layer", "0", "--data", str(text_jsonl),
             "--batch-size", "1", "--shard-size", "1"]

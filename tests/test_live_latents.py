@@ -405,9 +405,7 @@ def test_harvest_leaves_out_the_excluded_tokens_and_records_them(tmp_path):
 
 
 def test_two_processes_resample_as_one_does(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from tiny_models import run_in_one_and_two_processes
 
     script = tmp_path / "run.py"
     script.write_text(
@@ -416,13 +414,7 @@ def test_two_processes_resample_as_one_does(tmp_path):
         "train(TrainConfig(out=sys.argv[1], activations='synthetic:d=16,m=64,k=2,tokens=4096', expansion=8, k=1,\n"
         "                  batch_size=128, steps=4, lr=3e-3, progress=False, log_every=4, init_tokens=512,\n"
         "                  resample_every=3, resample_until=1.0))\n")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
+    run_in_one_and_two_processes(script, tmp_path)
     a, b = load_file(str(tmp_path / "one" / "sae.safetensors")), load_file(str(tmp_path / "two" / "sae.safetensors"))
     # many rarely-firing latents: Adam normalises their tiny gradients, so float-order differences
     # between one and two processes can flip an update's sign; Adam moves an element at most lr per

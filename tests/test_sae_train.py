@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +15,8 @@ from mmsae.sae import load_sae
 from mmsae.sae.sources import TensorSource
 from mmsae.sae.synthetic import SyntheticConfig, generate, recovery_score
 from mmsae.sae.train import TrainConfig, geometric_median, train
+from tiny_models import run_in_one_and_two_processes
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +114,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         "                      k=2, batch_size=128, steps=6, warmup=2, lr=3e-3, dead_tokens=256, auxk_coefficient=1 / 32,\n"
         "                      progress=False,\n"
         "                      log_every=3, init_tokens=512, architecture=arch))\n")
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
+    run_in_one_and_two_processes(script, tmp_path)
     for arch in ("topk", "batchtopk"):  # dead_tokens=256: AuxK is active from step 3 on
         a, b = weights(tmp_path / f"one-{arch}"), weights(tmp_path / f"two-{arch}")
         for name in a:

@@ -444,3 +444,17 @@ def tiny_adapter(family: str):
     from mmsae.models import load_adapter
 
     return load_adapter(tiny_model(family))
+
+
+def run_in_one_and_two_processes(script: Path, tmp_path: Path) -> None:
+    """Run ``script OUT`` as one process (OUT = tmp_path/one) and under torchrun with two
+    (tmp_path/two), one thread each; fail with the script's stderr if either run fails."""
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])):
+        done = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path / name)], env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
