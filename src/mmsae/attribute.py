@@ -26,6 +26,7 @@ from .config import check_config
 from .errors import MmsaeError
 from .hooks import edit
 from .io import append_jsonl, atomic_path, check_own_file, ensure_dir, write_json
+from .runtime import out_of_memory_guard
 from .steer import (STEERING_KEYS, Intervention, build_interventions, decoder_directions, feature_activations,
                     load_images, load_model_and_sae, resolve_layer, run_batches, work_dtype)
 
@@ -230,7 +231,7 @@ class AttributeConfig:
     top: int = field(default=20, metadata={"help": "top features to report (overall, per patch, per token)", "min": 1})
     check: int = field(default=10, metadata={"help": "top features whose estimate is checked by really ablating each", "min": 0})
     layer: Optional[int] = field(default=None, metadata={"help": "layer, if the SAE's cfg does not record it", "min": 0})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
+    device: str = field(default="auto", metadata={"help": "auto (this rank's GPU if any, else cpu), cpu, cuda or cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "model dtype: float32, bfloat16, float16"})
 
     def __post_init__(self):
@@ -331,10 +332,12 @@ def attribute(cfg: AttributeConfig) -> dict:
     adapter, sae = load_model_and_sae(cfg.model, cfg.sae, cfg.device, cfg.dtype)
     layer = resolve_layer(adapter, sae, cfg.layer)
     objective = build_objective(adapter, image, cfg.prompt, cfg.answer, cfg.contrast)
-    att = attribute_answer(adapter, sae, objective, layer)
+    # one sequence's forward and backward: what there is to lower is the model's own size
+    with out_of_memory_guard("attribute", adapter.device, "--dtype (bfloat16 halves the model)", resumes=False):
+        att = attribute_answer(adapter, sae, objective, layer)
+        report = attribution_report(adapter, sae, objective, att, image, cfg.top, cfg.check, layer, out)
     result = {"model": cfg.model, "sae": cfg.sae, "layer": layer, "hook_point": adapter.hook_point(layer),
-              "image": cfg.image, "prompt": cfg.prompt, "answer": cfg.answer, "contrast": cfg.contrast,
-              **attribution_report(adapter, sae, objective, att, image, cfg.top, cfg.check, layer, out)}
+              "image": cfg.image, "prompt": cfg.prompt, "answer": cfg.answer, "contrast": cfg.contrast, **report}
     write_json(out / "attribution.json", result)
     print(f"{result['objective_kind']} = {result['objective']:.4f}; top features (activation x gradient):")
     for r in result["top_features"][:10]:

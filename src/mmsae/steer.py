@@ -34,6 +34,7 @@ from .config import check_config
 from .errors import MmsaeError
 from .hooks import edit
 from .io import append_jsonl, check_own_file, ensure_dir, latest_rows, read_jsonl, write_json
+from .runtime import check_dtype, out_of_memory_guard, resolve_device
 
 Mode = Literal["clamp", "add", "scale"]
 Span = Literal["all", "image", "text", "prompt", "generated"]
@@ -290,7 +291,7 @@ class SteerConfig:
     judge_base_url: Optional[str] = field(default=None, metadata={
         "help": "sweep: the judge's endpoint (default: $OPENAI_BASE_URL or api.openai.com)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call", "min": 1})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
+    device: str = field(default="auto", metadata={"help": "auto (this rank's GPU if any, else cpu), cpu, cuda or cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "model dtype: float32, bfloat16, float16"})
 
     def __post_init__(self):
@@ -451,9 +452,12 @@ def concept_keywords(explanations: str, feature: int) -> list[str]:
 
 
 def load_model_and_sae(model: str, sae_path: str, device: str = "cpu", dtype: str = "float32"):
+    """The model in ``dtype`` on ``device`` (a ``--device`` value, checked), and the SAE beside it in float32."""
     from .models import load_adapter
     from .sae import load_sae
 
+    device = resolve_device(device)
+    check_dtype(dtype, device)
     adapter = load_adapter(model, dtype=dtype, device=device)
     sae = load_sae(sae_path).to(device=adapter.device, dtype=torch.float32).eval()
     return adapter, sae
@@ -476,9 +480,11 @@ def steer(cfg: SteerConfig) -> list[dict]:
     scales = relative_scale(cfg.index, cfg.feature) if cfg.index else None
     ivs = build_interventions(cfg.feature, cfg.value, cfg.mode, scales)
 
-    clean, _ = run_batches(adapter, images, cfg.prompt, cfg.batch_size, cfg.max_new_tokens)
-    steered_texts, _ = run_batches(adapter, images, cfg.prompt, cfg.batch_size, cfg.max_new_tokens, sae, ivs,
-                                   cfg.span, layer)
+    lower = "--batch-size or --max-new-tokens"
+    with out_of_memory_guard("steer", adapter.device, lower, resumes=False):
+        clean, _ = run_batches(adapter, images, cfg.prompt, cfg.batch_size, cfg.max_new_tokens)
+        steered_texts, _ = run_batches(adapter, images, cfg.prompt, cfg.batch_size, cfg.max_new_tokens, sae, ivs,
+                                       cfg.span, layer)
     desc = ", ".join(f"{iv.mode} f{iv.feature}={iv.value:g}" for iv in ivs)
     rows = []
     for i, (p, a, b) in enumerate(zip(cfg.prompt, clean, steered_texts)):
@@ -494,8 +500,9 @@ def steer(cfg: SteerConfig) -> list[dict]:
         judge = openai_judge(cfg.judge_model, cfg.judge_base_url, " ".join(keywords)) if cfg.judge_model else None
         if judge is not None and not keywords:
             raise MmsaeError("the judge needs the concept: give --keywords or --explanations")
-        sweep_rows = sweep(adapter, sae, cfg.feature[0], cfg.sweep, cfg.prompt, images, keywords, cfg.mode, cfg.span,
-                           cfg.max_new_tokens, cfg.batch_size, layer, scales[0] if scales else 1.0, judge)
+        with out_of_memory_guard("steer --sweep", adapter.device, lower, resumes=False):
+            sweep_rows = sweep(adapter, sae, cfg.feature[0], cfg.sweep, cfg.prompt, images, keywords, cfg.mode, cfg.span,
+                               cfg.max_new_tokens, cfg.batch_size, layer, scales[0] if scales else 1.0, judge)
         write_json(out / "sweep.json", {"feature": cfg.feature[0], "keywords": keywords,
                                         "judge": cfg.judge_model or "keywords", "rows": sweep_rows})
         plot_sweep(sweep_rows, out / "sweep.png", keywords)

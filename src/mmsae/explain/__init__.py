@@ -22,6 +22,7 @@ from typing import Literal
 from ..config import check_config
 from ..errors import MmsaeError
 from ..io import append_jsonl, check_own_file, latest_rows, output_lock, read_jsonl
+from ..runtime import check_dtype, resolve_device
 from .backends import (DemoExplainer, Explainer, ExplainRequest, ExplainResult, HFExplainer, OpenAIExplainer,
                        montage, vote)
 from .concepts import keyword_concept, parse_concept_reply
@@ -70,11 +71,12 @@ def _out_path(out: str) -> Path:
 
 
 def make_explainer(cfg: ExplainConfig, index) -> Explainer:
-    device = ("cuda" if _cuda() else "cpu") if cfg.device == "auto" else cfg.device
     if cfg.backend == "openai":
         client = OpenAIClient.from_env(cfg.model, cfg.base_url, cfg.api_key, timeout=cfg.timeout, max_retries=cfg.max_retries,
                                        backoff=cfg.retry_backoff, max_tokens=max(cfg.max_new_tokens, 64))
         return OpenAIExplainer(client, cfg.concurrency, cfg.image_size)
+    device = resolve_device(cfg.device)  # hf and demo run the model here
+    check_dtype(cfg.dtype, device)
     if cfg.backend == "hf":
         if not cfg.model:
             raise MmsaeError("the hf backend needs --model (a transformers image-text-to-text model id or path)")
@@ -83,12 +85,6 @@ def make_explainer(cfg: ExplainConfig, index) -> Explainer:
         return DemoExplainer(cfg.model or index.cfg["model"], batch_size=cfg.batch_size, dtype=cfg.dtype, device=device,
                              max_new_tokens=min(cfg.max_new_tokens, 40))  # a shapes caption is about 20 tokens
     raise MmsaeError(f"explainer backend {cfg.backend!r} is unknown; use openai, hf or demo")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def request_maker(index, cfg: ExplainConfig, template: str, highlight: str):

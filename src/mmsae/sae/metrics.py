@@ -30,6 +30,7 @@ from ..config import check_config
 from ..errors import MmsaeError
 from ..exclusion import TokenExclusion, sequence_keep
 from ..io import check_own_file, write_json
+from ..runtime import out_of_memory_guard, resolve_device
 from .formats import load_sae
 from .model import SparseAutoencoder
 
@@ -274,7 +275,7 @@ def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.de
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Measure an SAE; writes metrics.json and prints a table. Returns the metrics."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     if not cfg.activations and not (cfg.model and cfg.data):
         raise MmsaeError("give --activations STORE, or --model and --data (or both)")
     out = Path(cfg.out)
@@ -285,16 +286,17 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                      "layer": cfg.layer if cfg.layer is not None else sae.cfg.layer, "hook_point": sae.cfg.hook_point}
     # with and without the tokens the options (or else the rule the SAE was trained with) leave out
     rule = TokenExclusion.of(cfg) or TokenExclusion.from_dict(sae.cfg.token_exclusion)
-    if cfg.activations:
-        metrics.update(_store_reconstruction(sae, cfg, device, rule))
-        metrics["reconstruction_source"] = str(cfg.activations)
-    if cfg.model and cfg.data:
-        spliced, recon = _model_metrics(sae, cfg, device, need_recon=not cfg.activations, rule=rule)
-        metrics.update(spliced)
-        if recon is not None:
-            metrics.update(recon)
-            metrics["reconstruction_source"] = f"{cfg.model} on {cfg.data}"
-        metrics["data"] = cfg.data
+    with out_of_memory_guard("evaluate", device, "--batch-size", resumes=False):
+        if cfg.activations:
+            metrics.update(_store_reconstruction(sae, cfg, device, rule))
+            metrics["reconstruction_source"] = str(cfg.activations)
+        if cfg.model and cfg.data:
+            spliced, recon = _model_metrics(sae, cfg, device, need_recon=not cfg.activations, rule=rule)
+            metrics.update(spliced)
+            if recon is not None:
+                metrics.update(recon)
+                metrics["reconstruction_source"] = f"{cfg.model} on {cfg.data}"
+            metrics["data"] = cfg.data
     write_json(check_own_file(path, ("sae", "num_latents")), metrics)
     print(format_table(metrics), file=sys.stderr)
     return metrics

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import MmsaeError
 from ..exclusion import TokenExclusion
+from ..runtime import resolve_device
 
 
 class ActivationSource:
@@ -215,7 +216,7 @@ def open_activation_source(cfg) -> ActivationSource:
             raise MmsaeError(f"activation store {path} does not exist; run `mmsae harvest` first or fix --activations")
         return StoreSource(str(path), getattr(cfg, "tokens", "all"), exclude)
     if getattr(cfg, "model", None) and getattr(cfg, "layer", None) is not None and getattr(cfg, "data", None):
-        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+        device = resolve_device(cfg.device)
         if cfg.steps is None and cfg.max_tokens is None:
             raise MmsaeError("live training (--model/--layer/--data) needs --steps or --max-tokens")
         return LiveSource(cfg.model, cfg.layer, cfg.data, cfg.shuffle_buffer, cfg.model_batch_size, cfg.max_samples,

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from ..config import check_config
 from ..errors import MmsaeError
 from ..io import append_jsonl, check_own_file, latest_rows, output_lock, read_json, read_jsonl, write_json, write_text
+from ..runtime import resolve_device
 from .baselines import bootstrap_ci, derangement, random_images
 from .detection import QUESTION, ChatJudge, ClipJudge, DetectionItem, OracleJudge, adapter_asker, detect, openai_asker
 from .iou import dataset_iou, intersection_union, iou, netdissect_iou, resolution_ceiling
@@ -109,7 +110,7 @@ class ScoreConfig:
     seed: int = field(default=0, metadata={"help": "seed for random images, shuffling and bootstrap", "min": 0})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the confidence intervals", "min": 1})
     max_features: Optional[int] = field(default=None, metadata={"help": "score at most this many features", "min": 1})
-    device: str = field(default="cpu", metadata={"help": "device for the segmenter, CLIP and text models"})
+    device: str = field(default="auto", metadata={"help": "device for the segmenter, CLIP and text models: auto (a GPU if any, else cpu), cpu, cuda or cuda:N"})
     overwrite: bool = field(default=False, metadata={"help": "discard existing scores instead of resuming"})
 
     def __post_init__(self):
@@ -424,6 +425,7 @@ def score(cfg: ScoreConfig) -> list[dict]:
 
     if not cfg.scorers:
         raise MmsaeError("--scorers is empty; choose from iou, clip, text_similarity, detection, monosemanticity")
+    cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # checked before any model loads
     index_dir, explanations_path, out = _paths(cfg)
     index = FeatureIndex(index_dir)
     explanations = _load_explanations(explanations_path)
