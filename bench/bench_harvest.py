@@ -1,20 +1,23 @@
 """Harvest throughput against the bare forward pass of the same model and batches.
 
-Builds a small Llama from a config (default d=512, 8 layers; random weights, byte-level
-tokenizer), writes a JSONL of texts, and measures in one run, interleaved ``--repeats`` times
-(the best of each is reported, which is the least disturbed by other load on the machine):
+Builds a small Llama from a config (default d=2048, 2 layers, which runs in about a minute on
+2 CPU cores; random weights, word-level tokenizer), writes a JSONL of texts, and measures in one
+run, interleaved ``--repeats`` times (the best of each is reported, which is the least disturbed
+by other load on the machine):
 
   full      model(**inputs) on pre-built batches: every layer, the final norm and the LM head
   early     hooks.run_until(adapter, layer, inputs) on the same batches: stops after ``layer``
-  harvest   activations.harvest(...) over the same texts and batch size, end to end except model
-            loading: data reading, input building, early-exit forward, gathering the kept
-            tokens, the copy to the store dtype and the safetensors shards (its own loop timer)
+  harvest   activations.harvest(...) over the same texts and batch size, end to end with the model
+            already loaded (the same one): data reading, input building, early-exit forward,
+            gathering the kept tokens, the copy to the host in the store dtype, and the shards
+            written by the writer thread (waited for: the call returns once they are on disk)
 
-and prints tokens/s and the ratios: harvest vs early (the cost of hooks + store; target <= 5%),
+and prints tokens/s and the ratios: harvest throughput as a fraction of the early-exit
+forward's (the cost of hooks + store; target: harvest takes at most 10% longer at d >= 2048),
 early vs full (target: in proportion to the layers skipped), harvest vs full.
 
-    python bench/bench_harvest.py                       # d=512, 8 layers, layer 3
-    python bench/bench_harvest.py --d 1024 --layers 12 --layer 5 --device cuda
+    python bench/bench_harvest.py                       # d=2048, 2 layers, layer 1, CPU
+    python bench/bench_harvest.py --layers 8 --layer 6 --samples 256 --tokens 160 --device cuda
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -66,15 +70,16 @@ def texts(n: int, words: int) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--d", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--layer", type=int, default=3, help="harvested layer (0-based)")
-    p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=160, help="tokens per text (a few fewer for some)")
+    p.add_argument("--d", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layer", type=int, default=1, help="harvested layer (0-based)")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=48, help="tokens per text (a few fewer for some)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32", help="store dtype")
+    p.add_argument("--store-dtype", default="auto", help="store dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="also write the results here (bench/gpu_scale.py reads them)")
     args = p.parse_args()
 
     from mmsae.activations import ActivationStore, HarvestConfig, harvest
@@ -106,45 +111,53 @@ def main() -> None:
             sync()
             return time.perf_counter() - t
 
-        def harvest_once(i: int) -> tuple[float, float, ActivationStore]:
+        def harvest_once(i: int) -> tuple[dict, float, ActivationStore]:
             cfg = HarvestConfig(model=model_path, layer=args.layer, data=str(work / "data.jsonl"), out=str(work / f"store{i}"),
-                                batch_size=args.batch_size, dtype=args.dtype, device=args.device, shard_size=8192)
-            t = time.perf_counter()
-            store = harvest(cfg)
-            wall = time.perf_counter() - t
+                                batch_size=args.batch_size, store_dtype=args.store_dtype, device=args.device, shard_size=8192)
+            with mock.patch("mmsae.models.load_adapter", lambda *a, **k: adapter):  # the model already loaded
+                sync()
+                t = time.perf_counter()
+                store = harvest(cfg)
+                wall = time.perf_counter() - t
             parts = store.manifest["ranks"]["0"]["seconds"]
             shutil.rmtree(cfg.out)
             return parts, wall, store
 
         bare(True), bare(False)  # warm-up
-        results = {"full": [], "early": [], "harvest": [], "harvest_wall": []}
+        results: dict[str, list[float]] = {"full": [], "early": [], "harvest": []}
         parts_of_best: dict = {}
         for i in range(args.repeats):
             results["full"].append(bare(False))
             results["early"].append(bare(True))
             parts, wall, store = harvest_once(i)
             assert store.n_tokens == n_tokens, (store.n_tokens, n_tokens)
-            loop = sum(parts.values())
-            if loop <= min(results["harvest"], default=loop):
+            if wall <= min(results["harvest"], default=wall):
                 parts_of_best = parts
-            results["harvest"].append(loop)
-            results["harvest_wall"].append(wall)
+            results["harvest"].append(wall)
         best = {k: min(v) for k, v in results.items()}
 
         print(f"model: Llama d={args.d}, {args.layers} layers, harvest layer {args.layer} "
               f"({args.layer + 1}/{args.layers} layers run); {args.samples} samples x ~{n_tokens // args.samples} tokens, "
-              f"batch {args.batch_size}, device {args.device}, torch threads {torch.get_num_threads()}, store {args.dtype}")
+              f"batch {args.batch_size}, device {args.device}, torch threads {torch.get_num_threads()}, "
+              f"store {store.manifest['dtype']} (--store-dtype {args.store_dtype})")
         print(f"best of {args.repeats}; all times: " + ", ".join(f"{k} {[round(x, 3) for x in v]}" for k, v in results.items()))
         print(f"{'':32s}{'seconds':>10s}{'tokens/s':>12s}")
         for name, key in [("bare forward, all layers", "full"), ("bare forward, early exit", "early"),
-                          ("harvest (loop: data+model+store)", "harvest"), ("harvest call incl. model load", "harvest_wall")]:
+                          ("harvest (model loaded)", "harvest")]:
             print(f"{name:32s}{best[key]:10.3f}{n_tokens / best[key]:12,.0f}")
         print("harvest loop, best run: " + ", ".join(f"{k} {v:.3f} s" for k, v in parts_of_best.items())
-              + "  (data = waiting for the prefetch thread; store = gather, copy, shard writes)")
-        print(f"hooks + store cost (harvest / early exit - 1): {best['harvest'] / best['early'] - 1:+.1%}  (target <= +5%)")
+              + "  (main thread: data = waiting for the prefetch thread; model = the forward as queued; "
+              "store = gathering and queueing the host copies and shards)")
+        print(f"harvest throughput / early-exit forward throughput: {best['early'] / best['harvest']:.3f}  "
+              f"(hooks + store cost {best['harvest'] / best['early'] - 1:+.1%}; target: at most +10% at d >= 2048)")
         print(f"early-exit speed-up (full / early): {best['full'] / best['early']:.2f}x  "
               f"(layers alone would give {args.layers / (args.layer + 1):.2f}x)")
         print(f"harvest vs bare full forward (full / harvest): {best['full'] / best['harvest']:.2f}x")
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "args": vars(args), "n_tokens": n_tokens, "best_seconds": best, "seconds": results,
+                "tokens_per_s": {k: n_tokens / v for k, v in best.items()}, "harvest_parts_seconds": parts_of_best,
+                "harvest_vs_early": best["harvest"] / best["early"], "full_vs_early": best["full"] / best["early"]}, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

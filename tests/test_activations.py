@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import mmsae.activations as activations
+import mmsae.hooks as hooks
 from mmsae.activations import ActivationStore, HarvestConfig, harvest
 from mmsae.cli import main as cli_main
 from mmsae.errors import MmsaeError
+from mmsae.io import no_space_error, save_tensors
 from tiny_models import tiny_adapter, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -153,7 +157,7 @@ def test_causal_lm_harvest_budget_and_storage_dtype(tmp_path, text_jsonl):
     assert all(s["n_tokens"] >= 7 for s in small.shards[:-1])
 
     # bfloat16 storage: the float32 values rounded once
-    half = run(tmp_path, "llama", text_jsonl, name="bf16", layer=1, batch_size=2, dtype="bfloat16")
+    half = run(tmp_path, "llama", text_jsonl, name="bf16", layer=1, batch_size=2, store_dtype="bfloat16")
     th = shard_tensors(half)
     assert th["acts"].dtype == torch.bfloat16
     assert torch.equal(th["acts"], t["acts"].to(torch.bfloat16))
@@ -218,6 +222,125 @@ def test_disk_full_keeps_completed_shards_and_resumes(tmp_path, text_jsonl, monk
     assert sorted(p.name for p in (tmp_path / "full").glob("shard-*")) == ["shard-0-00000.safetensors", "shard-0-00001.safetensors"]
     monkeypatch.setattr(activations, "save_tensors", real_save)
     assert_same_store(run(tmp_path, "llama", text_jsonl, name="full", **kwargs), reference)
+
+
+def test_shards_are_the_bytes_a_synchronous_write_gives(tmp_path, text_jsonl):
+    """The writer thread writes each shard exactly as save_tensors writes the rows computed here."""
+    adapter = tiny_adapter("llama")
+    texts = [json.loads(line)["text"] for line in text_jsonl.read_text().splitlines()]
+    rows = {}
+    for start in range(0, len(texts), 2):  # the harvest's batches
+        inputs = adapter.build_inputs(None, texts[start:start + 2]).inputs
+        with torch.no_grad():
+            hidden = adapter.model(**inputs, output_hidden_states=True).hidden_states[2]  # after layer 1
+        for b in range(len(texts[start:start + 2])):
+            pos = torch.nonzero(inputs["attention_mask"][b]).flatten()
+            n, text_only = len(pos), torch.full((len(pos),), -1, dtype=torch.int16)
+            rows[start + b] = {"acts": hidden[b, pos], "sample": torch.full((n,), start + b, dtype=torch.int64),
+                               "pos": pos.to(torch.int32), "is_image": torch.zeros(n, dtype=torch.bool), "tile": text_only,
+                               "row": text_only, "col": text_only, "token": inputs["input_ids"][b, pos].to(torch.int32)}
+    for dtype in ("float32", "bfloat16"):
+        store = run(tmp_path, "llama", text_jsonl, name=dtype, layer=1, batch_size=2, shard_size=7, store_dtype=dtype)
+        assert len(store.shards) == 3 and store.manifest["dtype"] == dtype
+        for shard in store.shards:
+            parts = [rows[i] for i in range(shard["first_sample"], shard["last_sample"] + 1)]
+            expected = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            expected["acts"] = expected["acts"].to(getattr(torch, dtype))
+            save_tensors(tmp_path / "expected.safetensors", expected, metadata={"format": activations.FORMAT})
+            assert (store.path / shard["file"]).read_bytes() == (tmp_path / "expected.safetensors").read_bytes()
+
+
+def writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("mmsae-shard-writer")]
+
+
+def test_interrupt_while_shards_wait_for_the_writer_resumes_exactly(tmp_path, text_jsonl, monkeypatch):
+    kwargs = dict(layer=0, batch_size=1, shard_size=1)
+    reference = run(tmp_path, "llama", text_jsonl, name="ref", **kwargs)
+    real_save, real_run_until = activations.save_tensors, hooks.run_until
+    calls = {"n": 0}
+
+    def slow_save(*args, **kw):
+        time.sleep(0.3)  # a slow disk: shards queue up behind the one being written
+        real_save(*args, **kw)
+
+    def interrupt_fourth_batch(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_run_until(*args, **kw)
+
+    monkeypatch.setattr(activations, "save_tensors", slow_save)
+    monkeypatch.setattr(hooks, "run_until", interrupt_fourth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "llama", text_jsonl, name="cut", **kwargs)
+    assert not writer_threads()  # joined, not left behind
+    out = tmp_path / "cut"
+    recorded = [s["file"] for s in json.loads((out / "progress-0.json").read_text())["shards"]]
+    assert 1 <= len(recorded) < 3  # the shard still queued was dropped, the one being written finished
+    assert sorted(p.name for p in out.glob("shard-*")) == recorded  # every shard on disk is recorded, and whole
+    monkeypatch.undo()
+    assert_same_store(run(tmp_path, "llama", text_jsonl, name="cut", **kwargs), reference)
+
+
+def test_full_disk_in_the_writer_thread_stops_the_run_with_one_line(tmp_path, text_jsonl, monkeypatch, capsys):
+    real_save = activations.save_tensors
+    calls = {"n": 0}
+
+    def full_disk(path, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise no_space_error(path)  # what mmsae.io's writers raise on ENOSPC
+        real_save(path, *args, **kw)
+
+    monkeypatch.setattr(activations, "save_tensors", full_disk)
+    out = tmp_path / "full"
+    code = cli_main(["harvest", "--model", tiny_model("llama"), "--layer", "0", "--data", str(text_jsonl),
+                     "--batch-size", "1", "--shard-size", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"mmsae harvest: error: {no_space_error(out / 'shard-0-00002.safetensors')}"
+    assert calls["n"] == 3 and not writer_threads()  # the run stopped there
+    recorded = [s["file"] for s in json.loads((out / "progress-0.json").read_text())["shards"]]
+    assert recorded == sorted(p.name for p in out.glob("shard-*")) == ["shard-0-00000.safetensors", "shard-0-00001.safetensors"]
+
+
+def test_store_dtype_auto_is_recorded_and_a_resume_keeps_the_stored_one(tmp_path, text_jsonl, monkeypatch):
+    kwargs = dict(layer=0, batch_size=1, shard_size=1)
+    reference = run(tmp_path, "llama", text_jsonl, name="ref", **kwargs)
+    assert reference.manifest["dtype"] == "float32" and reference.manifest["config"]["store_dtype"] == "auto"  # CPU
+    real_save = activations.save_tensors
+    calls = {"n": 0}
+
+    def die_on_third(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Killed
+        real_save(*args, **kw)
+
+    monkeypatch.setattr(activations, "save_tensors", die_on_third)
+    for name, dtype in (("bf16", "bfloat16"), ("old", "float32")):
+        calls["n"] = 0
+        with pytest.raises(Killed):
+            run(tmp_path, "llama", text_jsonl, name=name, store_dtype=dtype, **kwargs)
+    monkeypatch.undo()
+    with pytest.raises(MmsaeError, match=r"stored in bfloat16, not float32 \(--store-dtype auto\); resume with --store-dtype bfloat16"):
+        run(tmp_path, "llama", text_jsonl, name="bf16", **kwargs)
+    assert run(tmp_path, "llama", text_jsonl, name="bf16", store_dtype="bfloat16", **kwargs).manifest["dtype"] == "bfloat16"
+    # a store begun before --store-dtype (its config says dtype) resumes under auto
+    path = tmp_path / "old" / "progress-0.json"
+    progress = json.loads(path.read_text())
+    del progress["dtype"], progress["config"]["store_dtype"], progress["config"]["device_map"]
+    path.write_text(json.dumps({**progress, "config": {**progress["config"], "dtype": "float32"}}))
+    assert_same_store(run(tmp_path, "llama", text_jsonl, name="old", **kwargs), reference)
+
+
+def test_device_map_auto_gives_the_same_store(tmp_path, image_dir):
+    """On a machine without a GPU accelerate places the whole model on the CPU."""
+    kwargs = dict(batch_size=4, shard_size=100)
+    plain = run(tmp_path, "llava", image_dir, name="plain", **kwargs)
+    assert_same_store(run(tmp_path, "llava", image_dir, name="mapped", device_map="auto", **kwargs), plain)
+    with pytest.raises(MmsaeError, match="--device-map auto places the model itself; leave out --device cpu"):
+        run(tmp_path, "llava", image_dir, name="both", device="cpu", device_map="auto")
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ docs/architecture.md). Shards are written atomically and always end at a sample 
 each shard the rank's ``progress-R.json`` records which samples are done, so rerunning the same
 command after a crash or ``kill -9`` resumes exactly where the last shard ended (no sample
 duplicated or dropped). Under ``torchrun`` rank r takes the samples whose id % world == r.
+The wanted tokens are gathered on the device and copied to the host without blocking; a writer
+thread builds and writes the shards while the next batches run (one or two shards in flight).
 
 ``ActivationStore(dir)`` reads a store back: token counts, metadata and a deterministic, shuffled
 stream of float32 batches that holds only a few shards in memory at a time.
@@ -36,6 +38,7 @@ from .data.sources import DEFAULT_PROMPT, open_source
 from .errors import MmsaeError
 from .exclusion import TokenExclusion
 from .io import claim_dir, is_no_space, json_format, no_space_error, read_json, save_tensors, write_json
+from .runtime import check_dtype, init_distributed, out_of_memory_guard, resolve_device
 
 FORMAT = "mmsae-activations"
 VERSION = 1
@@ -43,7 +46,8 @@ STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 METADATA_KEYS = ("sample", "pos", "is_image", "tile", "row", "col")
 TokenKind = Literal["all", "image", "text"]
 # Settings that change what a store holds; a resumed run must use the same ones.
-_RESUME_KEYS = ("model", "layer", "data", "tokens", "max_tokens", "max_samples", "dtype", "model_dtype",
+# (The store dtype is checked once the model is loaded, as "auto" depends on where it runs.)
+_RESUME_KEYS = ("model", "layer", "data", "tokens", "max_tokens", "max_samples", "model_dtype",
                 "prompt", "split", "image_column", "text_column", "shard_size", "exclude_token_ids", "exclude_norm_above")
 
 
@@ -58,10 +62,11 @@ class HarvestConfig:
     tokens: Literal["all", "image", "text"] = field(default="all", metadata={"help": "which tokens to keep"})
     max_tokens: Optional[int] = field(default=None, metadata={"help": "stop after this many tokens (over all ranks)", "min": 1})
     max_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N samples of the source", "min": 1})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "dtype the activations are stored in"})
+    store_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "dtype the activations are stored in; auto = bfloat16 when the model runs on a GPU, else float32 (manifest.json records the one used)"})
     model_dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "dtype the model runs in"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward pass", "min": 1})
     device: str = field(default="auto", metadata={"help": "torch device; auto = this rank's GPU if any, else cpu"})
+    device_map: Optional[Literal["auto"]] = field(default=None, metadata={"help": "auto = spread a model too large for one GPU over all GPUs (and CPU memory) with accelerate; one process, instead of --device"})
     prompt: str = field(default=DEFAULT_PROMPT, metadata={"help": "text for samples that have none (image-only sources)"})
     split: str = field(default="train", metadata={"help": "dataset split"})
     image_column: Optional[str] = field(default=None, metadata={"help": "dataset image column (default: detected)"})
@@ -74,6 +79,8 @@ class HarvestConfig:
 
     def __post_init__(self):
         check_config(self)
+        if self.device_map is not None and self.device != "auto":
+            raise MmsaeError(f"--device-map {self.device_map} places the model itself; leave out --device {self.device}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,50 +94,33 @@ def harvest(cfg: HarvestConfig) -> ActivationStore:
     Resumable: rerunning with the same config continues after the last complete shard. Under
     ``torchrun`` every rank writes its own shards; rank 0 writes the final manifest.
     """
-    rank, world, own_group = _init_distributed()
-    try:
-        out = Path(cfg.out)
-        if rank == 0:  # one claim: ranks checking an empty folder at once would see each other's marker
-            claim_dir(out, "harvest", cfg.overwrite, legacy=_is_store_folder)
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        progress = _start_progress(out, cfg, rank, world)
-        if not progress["done"]:
-            _harvest_rank(cfg, out, progress, rank, world)
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        if rank == 0:
-            merged = _merge_progress(out)
-            if merged["complete"] and merged["stats"]["n_tokens"] == 0:  # (one process stops earlier, in _harvest_rank)
-                if merged["stats"]["n_excluded"]:
-                    TokenExclusion.of(cfg).check_kept(0, f"data {cfg.data}")
-                raise MmsaeError(f"data {cfg.data} gave no tokens to store; fix the data or choose another --data")
-            manifest = _write_manifest(out)
-            if manifest["complete"]:
-                stats = manifest["stats"]
-                tqdm.write(f"harvest: {stats['n_tokens']} tokens from {stats['n_samples']} samples in {out}"
-                           + (f"; skipped {stats['n_skipped']} unreadable samples (listed in manifest.json)"
-                              if stats["n_skipped"] else ""), file=sys.stderr)
-    finally:
-        if own_group:
-            torch.distributed.destroy_process_group()
+    device = resolve_device(cfg.device)
+    check_dtype(cfg.model_dtype, device, "--model-dtype")
+    rank, world = init_distributed(device)
+    out = Path(cfg.out)
+    if rank == 0:  # one claim: ranks checking an empty folder at once would see each other's marker
+        claim_dir(out, "harvest", cfg.overwrite, legacy=_is_store_folder)
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    progress = _start_progress(out, cfg, rank, world)
+    if not progress["done"]:  # (the shards written before running out of memory stay: a rerun resumes)
+        with out_of_memory_guard("harvest", device, "--batch-size or --shard-size"):
+            _harvest_rank(cfg, out, progress, rank, world, device)
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        merged = _merge_progress(out)
+        if merged["complete"] and merged["stats"]["n_tokens"] == 0:  # (one process stops earlier, in _harvest_rank)
+            if merged["stats"]["n_excluded"]:
+                TokenExclusion.of(cfg).check_kept(0, f"data {cfg.data}")
+            raise MmsaeError(f"data {cfg.data} gave no tokens to store; fix the data or choose another --data")
+        manifest = _write_manifest(out)
+        if manifest["complete"]:
+            stats = manifest["stats"]
+            tqdm.write(f"harvest: {stats['n_tokens']} tokens from {stats['n_samples']} samples in {out}"
+                       + (f"; skipped {stats['n_skipped']} unreadable samples (listed in manifest.json)"
+                          if stats["n_skipped"] else ""), file=sys.stderr)
     return ActivationStore(out)
-
-
-def _init_distributed() -> tuple[int, int, bool]:
-    """Rank and world size from torchrun's environment; joins a gloo group when there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world <= 1:
-        return 0, 1, False
-    dist = torch.distributed
-    if dist.is_available() and not dist.is_initialized() and "MASTER_ADDR" in os.environ:
-        from datetime import timedelta
-
-        # ranks can finish far apart (uneven images); the final barrier must not time out
-        dist.init_process_group("gloo", timeout=timedelta(hours=48))
-        return rank, world, True
-    return rank, world, False
 
 
 def _progress_path(out: Path, rank: int) -> Path:
@@ -185,43 +175,109 @@ def _is_store_folder(path: Path) -> bool:
     return any(path.glob("progress-*.json")) or json_format(path / "manifest.json") == FORMAT
 
 
-def _device(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    return "cpu"
-
-
 class _ShardWriter:
-    """Buffers token rows and writes them as one shard plus the rank's progress, atomically."""
+    """Buffers token rows and hands each finished shard to a writer thread.
 
-    def __init__(self, out: Path, progress: dict, dtype: torch.dtype):
+    The thread builds the shard (one tensor per column, the NaN/inf check, norms), writes it and
+    then the rank's progress, both atomically and in order, so ``progress-R.json`` only ever names
+    shards that are fully on disk. That keeps the host copy and the disk off the forward pass's
+    critical path. At most ``depth`` shards wait for the thread (``flush`` blocks beyond that), so
+    host memory stays bounded. An error in the thread is raised in the caller at its next
+    ``flush`` or at ``close``; ``close`` joins the thread and must be called on every exit path.
+    """
+
+    def __init__(self, out: Path, progress: dict, dtype: torch.dtype, depth: int = 1):
         self.out, self.progress, self.dtype = out, progress, dtype
         self.parts: list[dict[str, torch.Tensor]] = []
+        self.events: list = []  # CUDA events after which this shard's host copies are complete
         self.buffered = 0
+        self.n_shards = len(progress["shards"])  # shards handed to the thread (names the next one)
+        self.n_excluded = progress.get("n_excluded", 0)  # the thread owns ``progress``; this is the loop's count
         self.pending_skips: list[tuple[int, str]] = []  # appended by the prefetch thread
         self.lock = threading.Lock()
+        self.jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread: threading.Thread | None = None  # started by the first flush
+        self.error: BaseException | None = None
+        self.abort = threading.Event()
 
     def skip(self, sample_id: int, reason: str) -> None:
         with self.lock:
             self.pending_skips.append((sample_id, reason))
+
+    def wait_for(self, events: list) -> None:
+        """The rows added next are read only after ``events`` (their device-to-host copies) complete."""
+        self.events += events
 
     def add(self, part: dict[str, torch.Tensor]) -> None:
         self.parts.append(part)
         self.buffered += len(part["sample"])
 
     def flush(self, next_sample: int, samples_done: int, done: bool, seconds: dict) -> None:
-        """Write the buffered rows as a shard (if any) and record progress up to ``next_sample``."""
-        p = self.progress
+        """Hand the buffered rows (if any) to the thread as a shard, with progress up to ``next_sample``."""
+        # skips found by the prefetcher beyond next_sample are recorded with a later shard
+        with self.lock:
+            skipped = [[i, r] for i, r in self.pending_skips if i < next_sample]
+            self.pending_skips = [(i, r) for i, r in self.pending_skips if i >= next_sample]
+        name = None
         if self.parts:
-            tensors = {k: torch.cat([part[k] for part in self.parts]) for k in self.parts[0]}
+            name = f"shard-{self.progress['rank']}-{self.n_shards:05d}.safetensors"
+            self.n_shards += 1
+        job = {"parts": self.parts, "events": self.events, "name": name, "skipped": skipped,
+               "progress": {"next_sample": next_sample, "samples_done": samples_done, "done": done,
+                            "n_excluded": self.n_excluded}, "seconds": dict(seconds)}
+        self.parts, self.events, self.buffered = [], [], 0
+        seconds.update({k: 0.0 for k in seconds})
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._work, name=f"mmsae-shard-writer-{self.progress['rank']}")
+            self.thread.start()
+        self._put(job)
+        if self.error is not None:
+            raise self.error
+
+    def close(self, failed: bool = False) -> None:
+        """Wait for the queued shards (after a failure of the caller: only the one being written)
+        and join the thread; raise its error, if any, unless the caller is failing already."""
+        if self.thread is None:
+            return
+        if failed:
+            self.abort.set()
+        self._put(None)
+        self.thread.join()
+        if self.error is not None and not failed:
+            raise self.error
+
+    def _put(self, job: dict | None) -> None:
+        while self.thread.is_alive():  # a thread that died of an error takes no more jobs
+            try:
+                self.jobs.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _work(self) -> None:
+        while not self.abort.is_set():
+            job = self.jobs.get()
+            if job is None or self.abort.is_set():
+                return
+            try:
+                self._write_shard(job)
+            except BaseException as e:  # re-raised in the harvest loop
+                self.error = e
+                return
+
+    def _write_shard(self, job: dict) -> None:
+        p = self.progress
+        if job["parts"]:
+            for event in job["events"]:
+                event.synchronize()
+            parts = job["parts"]
+            tensors = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
             acts = tensors["acts"]
             if not torch.isfinite(acts).all():
                 bad = tensors["sample"][~torch.isfinite(acts).all(dim=1)].unique()[:5].tolist()
                 raise MmsaeError(f"activations of samples {bad} are NaN/inf in {acts.dtype}; "
-                                 "store in bfloat16 or float32 (--dtype), or run the model in float32 (--model-dtype)")
-            name = f"shard-{p['rank']}-{len(p['shards']):05d}.safetensors"
+                                 "store in bfloat16 or float32 (--store-dtype), or run the model in float32 (--model-dtype)")
+            name = job["name"]
             self._write(lambda: save_tensors(self.out / name, tensors, metadata={"format": FORMAT}), name)
             p["shards"].append({
                 "file": name, "rank": p["rank"], "n_tokens": len(acts),
@@ -230,14 +286,8 @@ class _ShardWriter:
                 "norm_sum": float(acts.float().norm(dim=1).sum()),
             })
             p["n_tokens"] += len(acts)
-            self.parts, self.buffered = [], 0
-        # skips found by the prefetcher beyond next_sample are recorded with a later shard
-        with self.lock:
-            p["skipped"] += [[i, r] for i, r in self.pending_skips if i < next_sample]
-            self.pending_skips = [(i, r) for i, r in self.pending_skips if i >= next_sample]
-        p.update(next_sample=next_sample, samples_done=samples_done, done=done,
-                 seconds={k: round(p["seconds"].get(k, 0.0) + v, 3) for k, v in seconds.items()})
-        seconds.update({k: 0.0 for k in seconds})
+        p["skipped"] += job["skipped"]
+        p.update(job["progress"], seconds={k: round(p["seconds"].get(k, 0.0) + v, 3) for k, v in job["seconds"].items()})
         self._write(lambda: write_json(_progress_path(self.out, p["rank"]), p), _progress_path(self.out, p["rank"]).name)
 
     def _write(self, write, name: str) -> None:
@@ -296,11 +346,28 @@ def _batched(samples: Iterator[Sample], adapter, batch_size: int) -> Iterator[tu
         yield batch, adapter.build_inputs([s.image for s in batch], [s.text for s in batch])
 
 
+def _to_host(t: torch.Tensor, dtype: torch.dtype, events: list) -> torch.Tensor:
+    """``t`` in ``dtype`` on the CPU. From a CUDA device the copy goes to pinned memory without
+    blocking, and the event after which it is complete is appended to ``events``: the reader must
+    wait for it (``event.synchronize()``) before reading."""
+    if t.device.type != "cuda":
+        return t.to("cpu", dtype)
+    host = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+    host.copy_(t.to(dtype), non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(t.device))
+    events.append(event)
+    return host
+
+
 def _token_rows(hidden: torch.Tensor, batch: list[Sample], layouts, tokens: str, store_dtype: torch.dtype,
-                input_ids: torch.Tensor | None = None, rule: TokenExclusion = TokenExclusion()) -> list[tuple[dict, int]]:
-    """Per sample, the kept tokens' activations (moved to CPU in the store dtype) and metadata,
-    and how many tokens of the wanted kind ``rule`` left out."""
-    flat_index, metas, excluded = [], [], []
+                input_ids: torch.Tensor | None = None, rule: TokenExclusion = TokenExclusion()
+                ) -> tuple[list[tuple[dict, int]], list]:
+    """Per sample, the kept tokens' activations (on the CPU in the store dtype) and metadata, and how
+    many tokens of the wanted kind ``rule`` left out; and the CUDA events to wait for before
+    reading the activations and token ids (none on the CPU). The tokens are gathered on the device,
+    and without an exclusion rule nothing here waits for the device."""
+    kept, metas, excluded = [], [], []
     seq_len = hidden.shape[1]
     for i, (sample, layout) in enumerate(zip(batch, layouts)):
         image_pos = layout.positions.cpu().long()
@@ -321,28 +388,43 @@ def _token_rows(hidden: torch.Tensor, batch: list[Sample], layouts, tokens: str,
             keep = keep_at[pos]
             pos, is_image, grid = pos[keep], is_image[keep], grid[:, keep]
         excluded.append(len(order) - len(pos))
-        flat_index.append(pos + i * seq_len)
-        meta = {"sample": torch.full((len(pos),), sample.id, dtype=torch.int64), "pos": pos.to(torch.int32),
-                "is_image": is_image, "tile": grid[0].to(torch.int16), "row": grid[1].to(torch.int16),
-                "col": grid[2].to(torch.int16)}
-        if input_ids is not None:
-            meta["token"] = input_ids[i, pos.to(input_ids.device)].cpu().to(torch.int32)
-        metas.append(meta)
-    index = torch.cat(flat_index).to(hidden.device)
-    acts = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index).to("cpu", store_dtype)
+        kept.append(pos)
+        metas.append({"sample": torch.full((len(pos),), sample.id, dtype=torch.int64), "pos": pos.to(torch.int32),
+                      "is_image": is_image, "tile": grid[0].to(torch.int16), "row": grid[1].to(torch.int16),
+                      "col": grid[2].to(torch.int16)})
+    events: list = []
+
+    def gather(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # the kept rows of a [B, T, ...] tensor
+        index = torch.cat([pos + i * x.shape[1] for i, pos in enumerate(kept)])
+        return _to_host(x.flatten(0, 1).index_select(0, _on(index, x.device)), dtype, events)
+
+    acts = gather(hidden, store_dtype)
+    token_ids = gather(input_ids, torch.int32) if input_ids is not None else None
     rows, start = [], 0
     for meta, n_excluded in zip(metas, excluded):
         n = len(meta["sample"])
-        rows.append(({"acts": acts[start:start + n], **meta}, n_excluded))
+        row = {"acts": acts[start:start + n], **meta}
+        if token_ids is not None:
+            row["token"] = token_ids[start:start + n]
+        rows.append((row, n_excluded))
         start += n
-    return rows
+    return rows, events
 
 
-def _harvest_rank(cfg: HarvestConfig, out: Path, progress: dict, rank: int, world: int) -> None:
+def _on(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host index tensor on ``device``; to a CUDA device without making the host wait for it."""
+    if device.type != "cuda":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)
+
+
+def _harvest_rank(cfg: HarvestConfig, out: Path, progress: dict, rank: int, world: int, device: torch.device) -> None:
     from .hooks import run_until
     from .models import load_adapter
 
-    adapter = load_adapter(cfg.model, dtype=cfg.model_dtype, device=_device(cfg.device),
+    if cfg.device_map is not None and world > 1:
+        raise MmsaeError(f"--device-map {cfg.device_map} spreads one process over every GPU; run it without torchrun")
+    adapter = load_adapter(cfg.model, dtype=cfg.model_dtype, device=device, device_map=cfg.device_map,
                            trust_remote_code=cfg.trust_remote_code)
     if not 0 <= cfg.layer < adapter.num_layers:
         raise MmsaeError(f"layer {cfg.layer} is out of range for {cfg.model}: it has {adapter.num_layers} "
@@ -352,9 +434,11 @@ def _harvest_rank(cfg: HarvestConfig, out: Path, progress: dict, rank: int, worl
     budget = None
     if cfg.max_tokens is not None:
         budget = cfg.max_tokens // world + (rank < cfg.max_tokens % world)
-    writer = _ShardWriter(out, progress, STORE_DTYPES[cfg.dtype])
+    store_dtype = _resolve_store_dtype(cfg.store_dtype, adapter.device, out)
+    writer = _ShardWriter(out, progress, STORE_DTYPES[store_dtype])
     rule = TokenExclusion.of(cfg)
     progress["hook_point"], progress["d"] = adapter.hook_point(cfg.layer), adapter.hidden_size
+    progress["dtype"] = store_dtype
     progress["source"] = source.spec
     if source.num_samples == 0:
         raise MmsaeError(f"data {cfg.data} holds no samples; give --data a source with samples")
@@ -378,11 +462,12 @@ def _harvest_rank(cfg: HarvestConfig, out: Path, progress: dict, rank: int, worl
             t1 = time.perf_counter()
             hidden = run_until(adapter, cfg.layer, model_inputs)
             t2 = time.perf_counter()
-            rows = _token_rows(hidden, batch, model_inputs.layouts, cfg.tokens, writer.dtype,
-                               model_inputs.inputs.get("input_ids"), rule)
+            rows, copies = _token_rows(hidden, batch, model_inputs.layouts, cfg.tokens, writer.dtype,
+                                       model_inputs.inputs.get("input_ids"), rule)
+            writer.wait_for(copies)
             for sample, (row, n_excluded) in zip(batch, rows):
                 # counted with the rows, so progress-R.json's count matches its shards after a crash
-                writer.progress["n_excluded"] = writer.progress.get("n_excluded", 0) + n_excluded
+                writer.n_excluded += n_excluded
                 if sample.image is None and adapter.has_vision and not warned_text_only:
                     warned_text_only = True
                     tqdm.write(f"harvest: warning: sample {sample.id} of {cfg.data} has no image, so {cfg.model} (a "
@@ -410,7 +495,7 @@ def _harvest_rank(cfg: HarvestConfig, out: Path, progress: dict, rank: int, worl
                 break
             t0 = time.perf_counter()
         if not done and tokens_total == 0 and world == 1:  # nothing recorded: no empty store for later stages
-            if writer.progress.get("n_excluded"):
+            if writer.n_excluded:
                 rule.check_kept(0, f"data {cfg.data}")  # the exclusion left out every token
             skips = source.skipped
             why = (f" ({len(skips)} samples skipped; first: sample {skips[0][0]}: {skips[0][1]})" if skips
@@ -419,12 +504,29 @@ def _harvest_rank(cfg: HarvestConfig, out: Path, progress: dict, rank: int, worl
         if not done:  # the source is exhausted: the last shard, and every skip up to its end
             end = max([next_sample, stop or 0] + [i + 1 for i, _ in writer.pending_skips])
             writer.flush(end, samples_done, True, seconds)
+    except BaseException:
+        writer.close(failed=True)  # (the shards already on disk stay recorded: a rerun resumes after them)
+        raise
     finally:
         bar.close()
+    writer.close()
     if writer.progress["skipped"]:
         first_id, reason = writer.progress["skipped"][0]
         tqdm.write(f"harvest: rank {rank} skipped {len(writer.progress['skipped'])} samples with missing or "
                    f"unreadable images (first: sample {first_id}: {reason})", file=sys.stderr)
+
+
+def _resolve_store_dtype(requested: str, model_device: torch.device, out: Path) -> str:
+    """The store dtype ``--store-dtype`` names (auto: bfloat16 for a model on a GPU, else float32),
+    checked against the one the shards already in ``out`` were written in."""
+    dtype = requested if requested != "auto" else "bfloat16" if model_device.type == "cuda" else "float32"
+    for path in sorted(out.glob("progress-*.json")):
+        p = read_json(path)
+        stored = p.get("dtype", p["config"].get("dtype"))  # (stores harvested before "auto" kept it in the config)
+        if stored is not None and stored != dtype:
+            raise MmsaeError(f"{out} holds activations stored in {stored}, not {dtype} (--store-dtype {requested}); "
+                             f"resume with --store-dtype {stored}, or choose a new --out")
+    return dtype
 
 
 def _merge_progress(out: Path) -> dict:
@@ -442,7 +544,8 @@ def _merge_progress(out: Path) -> dict:
     n_image = sum(s["n_image_tokens"] for s in shards)
     return {
         "format": FORMAT, "version": VERSION, "model": cfg["model"], "layer": cfg["layer"],
-        "hook_point": described.get("hook_point"), "d": described.get("d"), "dtype": cfg["dtype"],
+        "hook_point": described.get("hook_point"), "d": described.get("d"),
+        "dtype": described.get("dtype", cfg.get("dtype")),  # the dtype used (older stores: their config's)
         "source": described.get("source", cfg["data"]), "tokens": cfg["tokens"], "world": world,
         "complete": len(progress) == world and all(p["done"] for p in progress),
         "shards": shards,

@@ -86,11 +86,14 @@ def _local_model_type(model_id_or_path: str) -> str | None:
         return None
 
 
-def load_adapter(model_id_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu", trust_remote_code: bool = False) -> ModelAdapter:
+def load_adapter(model_id_or_path: str, dtype: str | torch.dtype = "float32", device: str = "cpu", trust_remote_code: bool = False,
+                 device_map: str | None = None) -> ModelAdapter:
     """Load a model and its processor by hub id or local path and wrap them in their family's adapter.
 
     The family comes from the config's ``model_type``. The model is put in eval mode with
-    gradients off for its parameters; the tokenizer pads on the left.
+    gradients off for its parameters; the tokenizer pads on the left. ``device_map`` (e.g.
+    "auto") places a model too large for one GPU over the GPUs and CPU memory with accelerate,
+    instead of on ``device``.
     """
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
@@ -105,14 +108,17 @@ def load_adapter(model_id_or_path: str, dtype: str | torch.dtype = "float32", de
         raise MmsaeError(f"cannot read a model config from {model_id_or_path!r}: {_first_line(err)}") from err
     cls = _adapter_class(config.model_type)
     try:
-        model = cls.model_class.from_pretrained(model_id_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = cls.model_class.from_pretrained(model_id_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                device_map=device_map)
         if cls.has_vision:
             processor = _load_processor(cls, model_id_or_path, trust_remote_code)
         else:
             processor = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise MmsaeError(f"cannot load the {config.model_type} model or its processor from {model_id_or_path!r}: {_first_line(err)}") from err
-    model.to(device).eval().requires_grad_(False)
+    if device_map is None:  # (a dispatched model is already where accelerate put it)
+        model.to(device)
+    model.eval().requires_grad_(False)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
