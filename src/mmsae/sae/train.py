@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -43,6 +44,7 @@ from ..errors import MmsaeError
 from ..exclusion import TokenExclusion
 from ..io import (append_jsonl, check_own_file, claim_dir, ensure_dir, read_json, read_jsonl, save_tensors, write_json,
                   write_text)
+from ..runtime import check_dtype, init_distributed, out_of_memory_guard, resolve_device
 from .kernels import sparse_decode, sparse_decode_groups, sparse_encode
 from .model import SaeConfig, SparseAutoencoder
 from .sources import ActivationSource, StoreSource, TensorSource, open_activation_source
@@ -102,20 +104,6 @@ class TrainConfig:
 
 
 # --- distributed ---------------------------------------------------------------------------------
-def _dist_setup(device: str) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return rank, world, dev
-
-
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
@@ -371,7 +359,10 @@ def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = Non
 
     ``source`` overrides ``cfg.activations`` (an in-memory [tokens, d] tensor or a source).
     """
-    rank, world, device = _dist_setup(cfg.device)
+    device = resolve_device(cfg.device)
+    if cfg.autocast:
+        check_dtype(torch.bfloat16, device, "--autocast")
+    rank, world = init_distributed(device, "train")  # (without the group each rank would train alone on its slice)
     if cfg.batch_size % world:
         raise MmsaeError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     local_batch = cfg.batch_size // world
@@ -411,8 +402,9 @@ def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = Non
     threads = torch.get_num_threads()
     if device.type == "cpu" and n_latents * d < _SMALL_PROBLEM:
         torch.set_num_threads(1)  # tiny matrices: thread hand-offs cost more than the work
-    try:
-        return _train(cfg, source, sae_cfg, rank, world, device, local_batch, total_steps, out)
+    try:  # (checkpoints written before running out of memory stay: a rerun resumes from the last)
+        with out_of_memory_guard("train", device, "--batch-size or --expansion (--num-latents)"):
+            return _train(cfg, source, sae_cfg, rank, world, device, local_batch, total_steps, out)
     finally:
         torch.set_num_threads(threads)
 
@@ -582,6 +574,7 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
         tqdm.write(f"train: {total_steps} steps of {cfg.batch_size} tokens; warm-up {cfg.warmup} steps; a latent is dead after "
                    f"{cfg.dead_tokens} tokens without firing" + (f"; resampling at {len(resample_at)} steps" if resample_at else ""))
     step = start_step
+    started = time.perf_counter()
     for step in range(start_step, total_steps):
         x = next(batches).to(device, non_blocking=True)
         x = x * scale
@@ -608,6 +601,9 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
                 bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
         if step_done % cfg.checkpoint_every == 0 and step_done < total_steps and rank == 0:
             _save_checkpoint(out, step_done, sae, opt, state, cfg.keep_checkpoints)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    run_seconds = time.perf_counter() - started  # this session's steps (data reading included; saving not)
     bar.close()
     if rank == 0:
         _save_checkpoint(out, total_steps, sae, opt, state, cfg.keep_checkpoints)
@@ -620,6 +616,7 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
                                               "schedule": {"warmup": cfg.warmup, "dead_tokens": cfg.dead_tokens,
                                                            "resample_steps": sorted(resample_at),
                                                            "resampled": state["resampled"]},
+                                              "run_seconds": round(run_seconds, 3), "run_steps": total_steps - start_step,
                                               "source": source.describe()})
     if world > 1:
         dist.barrier()
