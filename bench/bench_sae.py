@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from mmsae.sae.model import SaeConfig, SparseAutoencoder  # noqa: E402
-from mmsae.sae.train import SaeTrainingStep, TrainConfig, _train_step, make_optimizer, matryoshka_group_sizes  # noqa: E402
+from mmsae.sae.train import SaeTrainingStep, TrainConfig, make_optimizer, matryoshka_group_sizes, train_step  # noqa: E402
 
 SPARSIFY_WORKER = r"""
 import json, sys, time, torch
@@ -112,7 +112,7 @@ def make_mmsae_step(d: int, n: int, k: int, batch: int, autocast: bool, device: 
         _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            loss, _ = _train_step(model, sae, opt, x, state, cfg, 1)
+            loss, _ = train_step(model, opt, x, state, cfg, 1)
         float(loss)
         _sync(device)
         return time.perf_counter() - start

@@ -74,21 +74,15 @@ def check_training(device: torch.device, root: Path) -> dict:
     # exact resume on the GPU
     small = dict(base, warmup=3, steps=12, dead_tokens=1000, log_every=2, checkpoint_every=4)
     train_mod.train(train_mod.TrainConfig(out=str(root / "a"), **small), source=acts)
-    real_step, calls = train_mod._train_step, {"n": 0}
 
-    def crash_on_seventh(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 7:
+    def crash_after_step_6(done: int) -> None:
+        if done == 6:
             raise KeyboardInterrupt
-        return real_step(*args, **kw)
 
-    train_mod._train_step = crash_on_seventh
     try:
-        train_mod.train(train_mod.TrainConfig(out=str(root / "b"), **small), source=acts)
+        train_mod.train(train_mod.TrainConfig(out=str(root / "b"), **small), source=acts, on_step=crash_after_step_6)
     except KeyboardInterrupt:
         pass
-    finally:
-        train_mod._train_step = real_step
     train_mod.train(train_mod.TrainConfig(out=str(root / "b"), **small), source=acts)
     a, b = load_sae(root / "a"), load_sae(root / "b")
     diff = max(float((pa - pb).abs().max()) for pa, pb in zip(a.state_dict().values(), b.state_dict().values()))

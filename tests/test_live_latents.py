@@ -178,24 +178,17 @@ def test_resampling_draws_inputs_in_proportion_to_the_squared_loss():
     assert to_e3 == pytest.approx(0.8, abs=0.03)
 
 
-def test_resume_with_resampling_gives_the_same_weights(tmp_path, rich_data, half_dead, monkeypatch):
+def test_resume_with_resampling_gives_the_same_weights(tmp_path, rich_data, half_dead):
     def cfg(out):
         return run_cfg(out, steps=12, log_every=2, checkpoint_every=4, resample_every=3, resample_until=1.0, auxk_coefficient=0.0)
 
-    train(cfg(tmp_path / "a"), source=rich_data)
-    real_step = train_mod._train_step
-    calls = {"n": 0}
-
-    def crash_on_seventh(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 7:  # step 6: after that step's resampling
+    def crash_after_step_6(done: int) -> None:  # after step 6's resampling, before the next checkpoint
+        if done == 7:
             raise KeyboardInterrupt
-        return real_step(*args, **kw)
 
-    monkeypatch.setattr(train_mod, "_train_step", crash_on_seventh)
+    train(cfg(tmp_path / "a"), source=rich_data)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg(tmp_path / "b"), source=rich_data)
-    monkeypatch.setattr(train_mod, "_train_step", real_step)
+        train(cfg(tmp_path / "b"), source=rich_data, on_step=crash_after_step_6)
     train(cfg(tmp_path / "b"), source=rich_data)
     a, b = load_file(str(tmp_path / "a" / "sae.safetensors")), load_file(str(tmp_path / "b" / "sae.safetensors"))
     for name in a:

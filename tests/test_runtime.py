@@ -204,15 +204,12 @@ def test_train_out_of_memory_keeps_its_checkpoint_and_resumes(tmp_path, monkeypa
             "--batch-size", "256", "--steps", "12", "--warmup", "3", "--lr", "4e-3", "--init-tokens", "1024",
             "--log-every", "2", "--checkpoint-every", "4", "--device", "cpu", "--no-progress"]
     assert cli_main(args + ["--out", str(tmp_path / "ref")]) == 0
-    real_step, calls = train_mod._train_step, {"n": 0}
-
-    def step_that_runs_out(*a, **kw):  # step 6 asks for more memory than there is
-        calls["n"] += 1
-        if calls["n"] == 7:
+    def run_out_after_step_6(done: int) -> None:  # then the run asks for more memory than there is
+        if done == 6:
             impossible_allocation()
-        return real_step(*a, **kw)
 
-    monkeypatch.setattr(train_mod, "_train_step", step_that_runs_out)
+    real_train = train_mod.train  # the CLI calls train(cfg), looked up when it runs
+    monkeypatch.setattr(train_mod, "train", lambda cfg: real_train(cfg, on_step=run_out_after_step_6))
     out = tmp_path / "oom"
     assert "train ran out of host memory on cpu" in last_error_line(cli_main(args + ["--out", str(out)]), capsys, "train")
     assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000000004"]

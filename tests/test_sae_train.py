@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import mmsae.sae.train as train_mod
 from mmsae.errors import MmsaeError
 from mmsae.sae import load_sae
 from mmsae.sae.sources import TensorSource
@@ -76,26 +75,23 @@ def test_other_architectures_train(tmp_path, synthetic, arch):
         assert 1.0 <= l0 <= 9.0  # the learned threshold keeps about k active at inference
 
 
-def test_resume_after_a_crash_gives_the_same_weights(tmp_path, synthetic, monkeypatch):
+def crash_after(steps: int):
+    """An ``on_step`` hook that interrupts the run after ``steps`` steps."""
+    def on_step(done: int) -> None:
+        if done == steps:
+            raise KeyboardInterrupt
+    return on_step
+
+
+def test_resume_after_a_crash_gives_the_same_weights(tmp_path, synthetic):
     acts, _ = synthetic
     cfg_a = small_cfg(tmp_path / "a", dead_tokens=1000)  # AuxK active: dead counters must resume too
     train(cfg_a, source=acts)
 
-    real_step = train_mod._train_step
-    calls = {"n": 0}
-
-    def crash_on_seventh(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real_step(*args, **kw)
-
-    monkeypatch.setattr(train_mod, "_train_step", crash_on_seventh)
     cfg_b = small_cfg(tmp_path / "b", dead_tokens=1000)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg_b, source=acts)
+        train(cfg_b, source=acts, on_step=crash_after(6))
     assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-000000004"]
-    monkeypatch.setattr(train_mod, "_train_step", real_step)
     train(cfg_b, source=acts)
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     for name in a:

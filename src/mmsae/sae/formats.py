@@ -10,6 +10,8 @@
   architecture, k, apply_b_dec_to_input, normalize_activations, metadata{model_name, hook_name}``;
   mmsae's own keys go under ``metadata.mmsae``.
 
+Each architecture names the SAELens architecture it saves as (``Architecture.saelens``; BatchTopK
+runs as a JumpReLU at inference); tensors beyond the four above keep their ``state_dict`` names.
 A Matryoshka SAE is a TopK / BatchTopK SAE at inference, so both layouts carry it: other tools
 load it as that plain SAE (same encode and decode), mmsae also restores its ``matryoshka_groups``.
 
@@ -28,6 +30,7 @@ import torch
 
 from ..errors import MmsaeError
 from ..io import ensure_dir, read_json, save_tensors, write_json
+from .architectures import ARCHITECTURES
 from .model import SaeConfig, SparseAutoencoder
 
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -38,8 +41,10 @@ CFG = "cfg.json"
 # --- saving ------------------------------------------------------------------------------------
 def save_sae(sae: SparseAutoencoder, path, layout: Literal["sparsify", "saelens"] = "sparsify") -> None:
     """Write ``sae`` to folder ``path`` in the given layout (weights in raw activation units)."""
-    folder = ensure_dir(path)
     cfg = sae.cfg
+    if layout == "saelens" and sae.arch.saelens is None:
+        raise MmsaeError(f"SAELens has no equivalent of a {cfg.architecture} SAE; save it with layout='sparsify'")
+    folder = ensure_dir(path)
     state = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in sae.state_dict().items()}
     mmsae_keys = {"architecture": cfg.architecture, "model": cfg.model, "layer": cfg.layer,
                   "hook_point": cfg.hook_point, "input_scale": cfg.input_scale, "matryoshka_groups": cfg.matryoshka_groups,
@@ -53,12 +58,8 @@ def save_sae(sae: SparseAutoencoder, path, layout: Literal["sparsify", "saelens"
             "format": "mmsae", **mmsae_keys,
         })
     elif layout == "saelens":
-        tensors = {"W_enc": state["encoder.weight"].t().contiguous(), "b_enc": state["encoder.bias"],
-                   "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
-        # BatchTopK runs as a JumpReLU at inference (its learned cut-off), which is how SAELens saves it.
-        architecture = "topk" if cfg.architecture == "topk" else "jumprelu"
-        if architecture == "jumprelu":
-            tensors["threshold"] = state["threshold"]
+        architecture = sae.arch.saelens
+        tensors = {"W_enc": state.pop("encoder.weight").t().contiguous(), "b_enc": state.pop("encoder.bias"), **state}
         body = {"d_in": cfg.d_in, "d_sae": cfg.num_latents, "dtype": "float32", "device": "cpu",
                 "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
                 "architecture": architecture,
@@ -107,13 +108,12 @@ def _load_sparsify(folder: Path, cfg: dict) -> SparseAutoencoder:
         model=cfg.get("model"), layer=cfg.get("layer"), hook_point=cfg.get("hook_point"),
         input_scale=float(cfg.get("input_scale", 1.0)), matryoshka_groups=cfg.get("matryoshka_groups"),
         token_exclusion=cfg.get("token_exclusion"))
-    if sae_cfg.architecture != "topk":
-        _need(tensors, ["threshold"], weights)
-    return _with_weights(sae_cfg, tensors)
+    return _with_weights(sae_cfg, tensors, weights)
 
 
-def _with_weights(sae_cfg: SaeConfig, tensors: dict) -> SparseAutoencoder:
+def _with_weights(sae_cfg: SaeConfig, tensors: dict, path: Path) -> SparseAutoencoder:
     sae = SparseAutoencoder(sae_cfg)
+    _need(tensors, list(sae.state_dict()), path)  # e.g. a threshold architecture's threshold
     state = {k: v.to(torch.float32) for k, v in tensors.items() if k in sae.state_dict()}
     sae.load_state_dict(state, strict=True)
     return sae
@@ -152,20 +152,18 @@ def _load_saelens(folder: Path, cfg: dict) -> SparseAutoencoder:
     if not cfg.get("apply_b_dec_to_input", True):
         # pre = x W + b_enc = (x - b_dec) W + (b_enc + b_dec W): same SAE with a pre-encoder bias
         b_enc = b_enc + b_dec @ w_enc
-    if architecture == "topk":
-        if cfg.get("rescale_acts_by_decoder_norm"):
-            raise MmsaeError(f"{folder / CFG}: SAELens rescale_acts_by_decoder_norm=True is not supported")
-        threshold = None
-        ours = "topk"
-    elif architecture in ("jumprelu", "standard"):
-        # a plain ReLU SAE is a JumpReLU with a zero threshold
-        threshold = tensors["threshold"] if architecture == "jumprelu" else torch.zeros(n)
-        if architecture == "jumprelu" and "threshold" not in tensors:
-            _need(tensors, ["threshold"], weights)
-        ours = mmsae_keys.get("architecture") if mmsae_keys.get("architecture") in ("jumprelu", "batchtopk") else "jumprelu"
+    if architecture == "standard":  # a plain ReLU SAE is a JumpReLU with a zero threshold
+        architecture, tensors["threshold"] = "jumprelu", torch.zeros(n)
+    if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        raise MmsaeError(f"{folder / CFG}: SAELens rescale_acts_by_decoder_norm=True is not supported")
+    # mmsae's own architecture when it wrote the file (BatchTopK saves as jumprelu), else SAELens' name
+    ours = next((name for name in (mmsae_keys.get("architecture"), architecture)
+                 if name in ARCHITECTURES and ARCHITECTURES[name].saelens == architecture), None)
+    if ours is None:
+        known = ", ".join(dict.fromkeys([*(a.saelens for a in ARCHITECTURES.values() if a.saelens), "standard"]))
+        raise MmsaeError(f"{folder / CFG}: SAELens architecture {architecture!r} is not supported ({known})")
+    if architecture != "topk":  # SAELens keeps no k for a threshold SAE: mmsae's, else a width for encode_sparse
         k = mmsae_keys.get("k") or k or min(n, 64)
-    else:
-        raise MmsaeError(f"{folder / CFG}: SAELens architecture {architecture!r} is not supported (topk, jumprelu, standard)")
     hook_name = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     layer = mmsae_keys.get("layer", meta.get("hook_layer", cfg.get("hook_point_layer", cfg.get("hook_layer"))))
     sae_cfg = SaeConfig(
@@ -175,10 +173,8 @@ def _load_saelens(folder: Path, cfg: dict) -> SparseAutoencoder:
         hook_point=mmsae_keys.get("hook_point") or hook_name,
         input_scale=float(mmsae_keys.get("input_scale", 1.0)), matryoshka_groups=mmsae_keys.get("matryoshka_groups"),
         token_exclusion=mmsae_keys.get("token_exclusion"))
-    state = {"encoder.weight": w_enc.t().contiguous(), "encoder.bias": b_enc, "W_dec": tensors["W_dec"], "b_dec": b_dec}
-    if threshold is not None:
-        state["threshold"] = threshold
-    return _with_weights(sae_cfg, state)
+    tensors.update({"encoder.weight": w_enc.t().contiguous(), "encoder.bias": b_enc, "b_dec": b_dec})
+    return _with_weights(sae_cfg, tensors, weights)
 
 
 def _sub_folders_with_sae(folder: Path) -> list[Path]:

@@ -104,7 +104,7 @@ class _ReconStats:
 @torch.no_grad()
 def _encode_batch(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     values, indices = sae.encode_sparse(x)
-    if sae.cfg.architecture == "topk":
+    if sae.arch.at_most_k:
         recon = sae.decode_sparse(values, indices)
     else:  # threshold SAEs may fire more than k: decode densely
         latents = sae.encode(x)

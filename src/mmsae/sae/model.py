@@ -1,4 +1,4 @@
-"""The sparse autoencoder: TopK, BatchTopK and JumpReLU in one module.
+"""The sparse autoencoder; what TopK, BatchTopK and JumpReLU do differently is in ``architectures``.
 
 Parameters use EleutherAI sparsify's names so a state dict saves as-is: ``encoder.weight``
 [n, d], ``encoder.bias`` [n], ``W_dec`` [n, d], ``b_dec`` [d] (plus ``threshold`` [n] for
@@ -30,10 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MmsaeError
+from .architectures import ARCHITECTURES, get_architecture
 from .kernels import sparse_decode, sparse_encode
-
-Architecture = Literal["topk", "batchtopk", "jumprelu"]
-ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
 
 
 @dataclass
@@ -44,7 +42,7 @@ class SaeConfig:
     num_latents: int = 0  # 0: d_in * expansion_factor
     k: int = 32  # active latents per token (TopK / BatchTopK average); the encode_sparse width
     expansion_factor: int = 32
-    architecture: Architecture = "topk"
+    architecture: str = "topk"  # a name in architectures.ARCHITECTURES
     normalize_decoder: bool = True
     model: str | None = None
     layer: int | None = None
@@ -62,16 +60,16 @@ class SaeConfig:
             self.num_latents = self.d_in * self.expansion_factor
         else:
             self.expansion_factor = max(1, round(self.num_latents / self.d_in))
-        if self.architecture not in ARCHITECTURES:
-            raise MmsaeError(f"unknown SAE architecture {self.architecture!r}; use one of {', '.join(ARCHITECTURES)}")
+        arch = get_architecture(self.architecture)  # (an unknown name is an error)
         if self.d_in <= 0:
             raise MmsaeError(f"SAE input width d_in={self.d_in} must be positive")
         if not 0 < self.k <= self.num_latents:
             raise MmsaeError(f"k={self.k} must be between 1 and the number of latents ({self.num_latents}); lower --k or raise --expansion")
         if self.matryoshka_groups is not None:
             groups = self.matryoshka_groups = [int(g) for g in self.matryoshka_groups]
-            if self.architecture == "jumprelu":
-                raise MmsaeError("--matryoshka-groups needs --architecture topk or batchtopk (not jumprelu)")
+            if not arch.matryoshka:
+                names = " or ".join(name for name, a in ARCHITECTURES.items() if a.matryoshka)
+                raise MmsaeError(f"--matryoshka-groups needs --architecture {names} (not {self.architecture})")
             if min(groups, default=0) <= 0 or sum(groups) != self.num_latents:
                 raise MmsaeError(f"--matryoshka-groups {' '.join(map(str, groups))} must be positive and sum to the number of latents "
                                  f"({self.num_latents}) (they sum to {sum(groups)}); fix the sizes or use --matryoshka-fractions")
@@ -90,11 +88,8 @@ class SparseAutoencoder(nn.Module):
         self.encoder = nn.Linear(d, n, device=device, dtype=dtype)
         self.W_dec = nn.Parameter(torch.empty(n, d, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
-        if cfg.architecture == "jumprelu":
-            self.threshold = nn.Parameter(torch.full((n,), 1e-3, device=device, dtype=dtype))
-        elif cfg.architecture == "batchtopk":
-            # learned from training batches (not by gradient); used at inference
-            self.register_buffer("threshold", torch.zeros(n, device=device, dtype=dtype))
+        self.arch = get_architecture(cfg.architecture)
+        self.arch.add_parameters(self, device, dtype)  # e.g. JumpReLU's and BatchTopK's threshold [n]
         self.reset_parameters()
 
     @torch.no_grad()
@@ -137,22 +132,12 @@ class SparseAutoencoder(nn.Module):
         lead = x.shape[:-1]
         flat = self._flat(x) - self.b_dec
         values, indices = sparse_encode(flat, self.encoder.weight, self.encoder.bias, self.cfg.k)
-        if self.cfg.architecture == "topk":
-            values = values.relu()
-        else:
-            values = self._threshold(values, self.threshold[indices])
+        values = self.arch.activate(self, values, indices)
         return values.reshape(*lead, self.cfg.k), indices.reshape(*lead, self.cfg.k)
-
-    def _threshold(self, pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        return torch.where(pre > threshold, pre, torch.zeros_like(pre)).relu()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense latent activations [..., n] (mostly zeros)."""
-        if self.cfg.architecture == "topk":
-            values, indices = self.encode_sparse(x)
-            dense = torch.zeros(*values.shape[:-1], self.cfg.num_latents, dtype=values.dtype, device=values.device)
-            return dense.scatter(-1, indices, values)
-        return self._threshold(self.pre_activations(x), self.threshold)
+        return self.arch.encode(self, x)
 
     # --- decoding ----------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -165,7 +150,7 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction of ``x`` (same shape)."""
-        if self.cfg.architecture == "topk":
+        if self.arch.at_most_k:
             return self.decode_sparse(*self.encode_sparse(x)).reshape(x.shape)
         return self.decode(self.encode(x)).reshape(x.shape)
 

@@ -1,6 +1,7 @@
 """Training a sparse autoencoder on stored (or synthetic, or live) activations.
 
-One step: encode with the sparse kernels, decode, loss = FVU (+ AuxK for dead latents when
+One step: encode (the architecture's ``train_encode``, see ``architectures``: TopK and BatchTopK
+through the sparse kernels), decode, loss = FVU (+ AuxK for dead latents when
 ``auxk_coefficient`` > 0, or + an L0 penalty for JumpReLU), backward, project the decoder
 gradient onto the rows' tangent space, Adam, renormalise decoder rows. Learning rate: linear
 warm-up, constant, linear decay to zero over the last ``decay`` fraction of steps. The warm-up
@@ -32,7 +33,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,7 @@ from ..exclusion import TokenExclusion
 from ..io import (append_jsonl, check_own_file, claim_dir, ensure_dir, read_json, read_jsonl, save_tensors, write_json,
                   write_text)
 from ..runtime import check_dtype, init_distributed, out_of_memory_guard, resolve_device
+from .architectures import ARCHITECTURES, all_gather_cat, get_architecture
 from .kernels import sparse_decode, sparse_decode_groups, sparse_encode
 from .model import SaeConfig, SparseAutoencoder
 from .sources import ActivationSource, StoreSource, TensorSource, open_activation_source
@@ -63,7 +65,7 @@ class TrainConfig:
     expansion: int = field(default=32, metadata={"help": "latents = expansion * activation width", "min": 1})
     num_latents: int = field(default=0, metadata={"help": "number of latents (overrides --expansion when > 0)", "min": 0})
     k: int = field(default=32, metadata={"help": "active latents per token (TopK, BatchTopK)", "min": 1})
-    architecture: Literal["topk", "batchtopk", "jumprelu"] = field(default="topk", metadata={"help": "SAE activation"})
+    architecture: str = field(default="topk", metadata={"help": f"SAE architecture: {', '.join(ARCHITECTURES)} (mmsae.sae.architectures)"})
     lr: float | None = field(default=None, metadata={"help": "peak Adam learning rate (default 8e-4 / sqrt(latents / 2^14))", "gt": 0})
     batch_size: int = field(default=4096, metadata={"help": "tokens per optimiser step (global, over all processes)", "min": 1})
     max_tokens: int | None = field(default=None, metadata={"help": "stop after this many tokens (default: one pass over the store)", "min": 1})
@@ -101,6 +103,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_config(self)
+        get_architecture(self.architecture)  # an unknown name fails here, before any work
 
 
 # --- distributed ---------------------------------------------------------------------------------
@@ -108,50 +111,6 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
-
-
-def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
-    return t
-
-
-# --- JumpReLU straight-through estimators --------------------------------------------------------
-def _rectangle(x: torch.Tensor) -> torch.Tensor:
-    return ((x > -0.5) & (x < 0.5)).to(x.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth: float):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        bw = ctx.bandwidth
-        grad_pre = (pre > threshold) * grad
-        grad_threshold = -(threshold / bw) * _rectangle((pre - threshold) / bw) * grad
-        return grad_pre, grad_threshold.sum(0), None
-
-
-class _Step(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth: float):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        bw = ctx.bandwidth
-        grad_threshold = -(1.0 / bw) * _rectangle((pre - threshold) / bw) * grad
-        return None, grad_threshold.sum(0), None
 
 
 # --- the training module -------------------------------------------------------------------------
@@ -169,31 +128,14 @@ class SaeTrainingStep(nn.Module):
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None, total_variance: torch.Tensor, world: int):
         sae, cfg = self.sae, self.cfg
-        arch = sae.cfg.architecture
         centred = x - sae.b_dec
-        extra = {}
+        codes = sae.arch.train_encode(sae, centred, self.k, cfg, world)
+        values, indices = codes.values, codes.indices
         prefixes = None
-        if arch == "jumprelu":
-            pre = nn.functional.linear(centred, sae.encoder.weight, sae.encoder.bias)
-            threshold = sae.threshold.clamp_min(1e-6)
-            acts = _JumpReLU.apply(pre, threshold, cfg.jumprelu_bandwidth)
-            recon = acts @ sae.W_dec + sae.b_dec
-            l0 = _Step.apply(pre, threshold, cfg.jumprelu_bandwidth).sum(-1)
-            fired = (acts > 0).any(0)
-            extra["l0_penalty"] = l0.sum() * cfg.l0_coefficient
-            l0_mean = l0.detach().mean()
+        if indices is None:  # dense latents [B, n]
+            recon = values @ sae.W_dec + sae.b_dec
+            fired = (values > 0).any(0)
         else:
-            width = self.k if arch == "topk" else min(sae.cfg.num_latents, cfg.batchtopk_candidates * self.k)
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
-                pre_values, indices = sparse_encode(centred, sae.encoder.weight, sae.encoder.bias, width)
-            values = pre_values.float().relu()
-            if arch == "batchtopk":
-                # the global batch's (k * batch)-th largest activation is the cut-off
-                candidates = _all_gather_cat(values.detach().reshape(-1))
-                n_keep = min(candidates.numel(), self.k * x.shape[0] * world)
-                cut = candidates.topk(n_keep, sorted=False).values.min().clamp_min(torch.finfo(values.dtype).tiny)
-                values = values * (values.detach() >= cut)
-                extra["cut"] = cut
             if self.group_ends is None:
                 recon = sparse_decode(values, indices, sae.W_dec) + sae.b_dec
             else:
@@ -204,7 +146,7 @@ class SaeTrainingStep(nn.Module):
             # scatter, not boolean indexing: no host sync on a GPU
             fired = torch.zeros(sae.cfg.num_latents, device=x.device).scatter_reduce_(
                 0, indices.reshape(-1), (values > 0).reshape(-1).float(), "amax") > 0
-            l0_mean = (values > 0).sum(-1).float().mean()
+        l0_mean = (values > 0).sum(-1).float().mean()
         # normalised by the GLOBAL batch's variance, times world (DDP averages gradients)
         if prefixes is None:
             fvu_local = (recon - x).pow(2).sum() / total_variance
@@ -214,10 +156,10 @@ class SaeTrainingStep(nn.Module):
             prefix_fvus = (prefixes - x.unsqueeze(1)).pow(2).sum((0, 2)) / total_variance
             fvu_local = prefix_fvus[-1]
             loss = prefix_fvus.mean() * world
-        if "l0_penalty" in extra:
-            loss = loss + extra["l0_penalty"] * world / (x.shape[0] * world)
+        if codes.penalty is not None:  # (a mean over the local tokens: the ranks' gradients are averaged)
+            loss = loss + codes.penalty
         auxk = torch.zeros((), device=x.device)
-        if dead_mask is not None and cfg.auxk_coefficient > 0 and arch != "jumprelu":
+        if dead_mask is not None and cfg.auxk_coefficient > 0 and sae.arch.auxk:
             dead = dead_mask.nonzero().squeeze(1)
             k_aux = min(sae.cfg.d_in // 2, dead.numel())
             if k_aux > 0:
@@ -231,7 +173,7 @@ class SaeTrainingStep(nn.Module):
                 res_var = (stats[0] - stats[1:].pow(2).sum() / count).clamp_min(1e-12).float()
                 auxk = (aux_recon - residual).pow(2).sum() / res_var
                 loss = loss + cfg.auxk_coefficient * auxk * world
-        return loss, {"fvu_part": fvu_local.detach(), "l0": l0_mean.detach(), "fired": fired, "auxk_part": auxk.detach(), **extra}
+        return loss, {"fvu_part": fvu_local.detach(), "l0": l0_mean.detach(), "fired": fired, "auxk_part": auxk.detach(), **codes.extra}
 
 
 # --- initialisation ------------------------------------------------------------------------------
@@ -354,10 +296,13 @@ def _check_resumable(meta: dict, cfg: TrainConfig, d: int, ckpt: Path) -> None:
                          "--no-resume, or a new --out")
 
 
-def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = None) -> Path:
+def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = None,
+          on_step: Callable[[int], None] | None = None) -> Path:
     """Train an SAE; returns the output folder (cfg.json + sae.safetensors + train_log.jsonl).
 
     ``source`` overrides ``cfg.activations`` (an in-memory [tokens, d] tensor or a source).
+    ``on_step(steps_done)`` is called at the end of every step (after its log row and checkpoint);
+    what it raises stops the run like a crash would (tests use it to interrupt one).
     """
     device = resolve_device(cfg.device)
     if cfg.autocast:
@@ -404,7 +349,7 @@ def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = Non
         torch.set_num_threads(1)  # tiny matrices: thread hand-offs cost more than the work
     try:  # (checkpoints written before running out of memory stay: a rerun resumes from the last)
         with out_of_memory_guard("train", device, "--batch-size or --expansion (--num-latents)"):
-            return _train(cfg, source, sae_cfg, rank, world, device, local_batch, total_steps, out)
+            return _train(cfg, source, sae_cfg, rank, world, device, local_batch, total_steps, out, on_step)
     finally:
         torch.set_num_threads(threads)
 
@@ -520,7 +465,7 @@ _SMALL_PROBLEM = 1 << 18
 
 
 def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank: int, world: int, device: torch.device,
-           local_batch: int, total_steps: int, out: Path) -> Path:
+           local_batch: int, total_steps: int, out: Path, on_step: Callable[[int], None] | None) -> Path:
     d, n_latents = sae_cfg.d_in, sae_cfg.num_latents
     torch.manual_seed(cfg.seed)
     sae = SparseAutoencoder(sae_cfg, device=device)
@@ -586,7 +531,7 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
         model.k = annealed_k(cfg, sae.cfg, step)
         if step <= cfg.k_anneal_steps:  # BatchTopK's threshold starts from the first cut at the final k
             state["threshold_initialised"] = False
-        loss, parts = _train_step(model, sae, opt, x, state, cfg, world)
+        loss, parts = train_step(model, opt, x, state, cfg, world)
         if not math.isfinite(float(loss)):  # the one host sync per step; a non-finite batch is named first
             _check_finite(x, source, f"the batch of step {step}")
             raise MmsaeError(f"training diverged at step {step} (loss {float(loss)}); lower --lr; checkpoints in {out / 'checkpoints'} are kept")
@@ -601,6 +546,8 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
                 bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
         if step_done % cfg.checkpoint_every == 0 and step_done < total_steps and rank == 0:
             _save_checkpoint(out, step_done, sae, opt, state, cfg.keep_checkpoints)
+        if on_step is not None:
+            on_step(step_done)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     run_seconds = time.perf_counter() - started  # this session's steps (data reading included; saving not)
@@ -628,13 +575,17 @@ def _resample(sae: SparseAutoencoder, opt: torch.optim.Adam, x: torch.Tensor, st
     toward this step's global batch; the draw is a function of (seed, step), the same on every rank."""
     dead = state["tokens_since_fired"] >= min(cfg.dead_tokens, state["tokens"])
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    idx = resample_dead_latents(sae, opt, _all_gather_cat(x), dead, generator)
+    idx = resample_dead_latents(sae, opt, all_gather_cat(x), dead, generator)
     state["tokens_since_fired"][idx] = 0  # a fresh window to prove themselves
     return int(idx.numel())
 
 
-def _train_step(model, sae: SparseAutoencoder, opt: torch.optim.Adam, x: torch.Tensor, state: dict, cfg: TrainConfig, world: int):
-    """One optimiser step on the local batch ``x`` (already scaled)."""
+def train_step(model: SaeTrainingStep, opt: torch.optim.Adam, x: torch.Tensor, state: dict, cfg: TrainConfig, world: int):
+    """One optimiser step of ``model.sae`` on the local batch ``x`` (already scaled); returns the
+    global loss and its parts (fvu, l0, auxk) as device tensors. ``state`` holds ``tokens`` (seen
+    so far), ``tokens_since_fired`` [n] (updated here) and what the architecture keeps
+    (``threshold_initialised`` for BatchTopK)."""
+    sae = model.sae
     # the global batch's total variance: the FVU denominator on every rank
     stats = torch.cat([x.pow(2).sum().reshape(1), x.sum(0)]).double()
     _all_reduce(stats)
@@ -659,15 +610,7 @@ def _train_step(model, sae: SparseAutoencoder, opt: torch.optim.Adam, x: torch.T
     with torch.no_grad():
         if sae.cfg.normalize_decoder:
             sae.set_decoder_norm_to_unit_norm()
-        if sae.cfg.architecture == "jumprelu":
-            sae.threshold.clamp_(min=1e-6)
-        if sae.cfg.architecture == "batchtopk":
-            cut = parts["cut"].to(sae.threshold.dtype)
-            if state["threshold_initialised"]:
-                sae.threshold.mul_(0.99).add_(0.01 * cut)
-            else:
-                sae.threshold.fill_(float(cut))
-                state["threshold_initialised"] = True
+        sae.arch.after_step(sae, parts, state)  # e.g. BatchTopK's threshold follows the batch's cut-off
         fired = _all_reduce(parts["fired"].to(torch.int32), dist.ReduceOp.MAX if dist.is_initialized() else None) > 0
         state["tokens_since_fired"].add_(cfg.batch_size).masked_fill_(fired, 0)
     # parts stay on the device (read when a log row is written): no host sync per step here
