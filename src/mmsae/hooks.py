@@ -1,18 +1,21 @@
 """Reading and editing a layer's output, and stopping the forward pass early.
 
-All three work with plain forward passes and with ``generate`` (the prefill call sees the whole
+All of them work with plain forward passes and with ``generate`` (the prefill call sees the whole
 prompt [B, T, d], each decode step one new token [B, 1, d]), with padded batches, and always
-remove their hook, also when the forward pass raises.
+remove their hook, also when the forward pass raises. ``run_sites`` captures any sites
+(``lm:L``, ``vision:L``, ``projector``, a module path; see ``mmsae.models.sites``) in one pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 
+from .errors import MmsaeError
 from .models.base import ModelAdapter, ModelInputs
+from .models.sites import Site
 
 
 def _hidden(output) -> torch.Tensor:
@@ -116,3 +119,44 @@ def run_until(adapter: ModelAdapter, layer: int, inputs: ModelInputs | dict, gra
     if not record:
         raise RuntimeError(f"layer {layer} of {adapter.model_id} was never called during the forward pass")
     return record[0]
+
+
+def run_sites(adapter: ModelAdapter, sites: Iterable[Site | str | int], inputs: ModelInputs | dict, grad: bool = False) -> dict[Site, torch.Tensor]:
+    """Each site's activation for one batch, without running the model past the last of them.
+
+    ``sites`` are :class:`Site` objects or names (``adapter.resolve_site`` reads them); the result
+    maps each canonical Site to the output of its module on its first call: [B, T, d] for
+    ``lm:L``, the tower's own shape for ``vision:L`` ([tiles, tokens, d], or Qwen2-VL's
+    [patches, d]) and the projector's for ``projector`` (``adapter.site_rows`` says which rows
+    are which patches). The forward pass stops as soon as every site has its output, so with
+    only vision sites the language model does not run.
+    """
+    wanted = {}
+    for site in sites:
+        site = adapter.resolve_site(site)
+        wanted[site] = adapter.site_module(site)
+    if not wanted:
+        raise MmsaeError("run_sites needs at least one site")
+    batch = inputs.inputs if isinstance(inputs, ModelInputs) else inputs
+    record: dict[Site, torch.Tensor] = {}
+
+    def hook_for(site: Site):
+        def hook(mod, args, output):
+            record.setdefault(site, _hidden(output))
+            if len(record) == len(wanted):
+                raise _StopForward
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(site)) for site, module in wanted.items()]
+    try:
+        with torch.set_grad_enabled(grad):
+            adapter.model(**batch, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [str(site) for site in wanted if site not in record]
+    if missing:
+        raise MmsaeError(f"{', '.join(missing)} of {adapter.model_id} never ran on this batch (a vision or projector site needs a batch with images)")
+    return {site: record[site] for site in wanted}

@@ -6,6 +6,9 @@ Conventions every adapter follows (see ``base.TokenLayout``):
   stream after that layer, equal to ``output_hidden_states[L + 1]`` (the last entry of
   ``output_hidden_states`` is after the final norm instead). ``vision_layer_module(L)`` is
   block L of the vision tower.
+- Sites (``mmsae.models.sites``): ``lm:L`` is ``layer_module(L)``, ``vision:L`` vision block L,
+  ``projector`` the multimodal projector; ``site_module``, ``site_width`` and ``site_rows``
+  (which rows of a site's activation are which image patches) resolve them per family.
 - ``build_inputs`` applies the chat template (one image per sequence, placed before the
   prompt), pads on the left and moves everything to the model's device and dtype.
 - A layout lists only tokens that carry a patch. Tile 0 is the view of the whole image (LLaVA's
@@ -23,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from ..errors import MmsaeError
-from .base import ModelAdapter, ModelInputs, Tile, TokenLayout, image_heatmap
+from .base import ModelAdapter, ModelInputs, SiteRows, Tile, TokenLayout, image_heatmap
 from .causal_lm import CausalLMAdapter
 from .common import processor_without_video
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
@@ -32,6 +35,7 @@ from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .paligemma import PaliGemmaAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from .sites import Site, parse_site
 
 # config.model_type -> adapter class; the one place a family is chosen
 ADAPTERS: dict[str, type[ModelAdapter]] = {
@@ -126,4 +130,4 @@ def load_adapter(model_id_or_path: str, dtype: str | torch.dtype = "float32", de
     return cls(model, processor, model_id_or_path)
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "ModelInputs", "Tile", "TokenLayout", "image_heatmap", "load_adapter"]
+__all__ = ["ADAPTERS", "ModelAdapter", "ModelInputs", "Site", "SiteRows", "Tile", "TokenLayout", "image_heatmap", "load_adapter", "parse_site"]

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..errors import MmsaeError
+from .sites import Site, parse_site
 
 
 @dataclass
@@ -69,6 +70,100 @@ class ModelInputs:
     @property
     def attention_mask(self) -> torch.Tensor:
         return self.inputs["attention_mask"]
+
+
+@dataclass
+class RowMap:
+    """Where every row of a site's activation (flattened to [R, d]) lies, for one batch.
+
+    Per row: ``sample``, ``tile``, ``row``, ``col`` (``row``/``col`` -1 where the row is no image
+    patch; ``sample``/``tile`` -1 where it belongs to no image, e.g. text) and ``special``
+    (a CLS/register token of its sample's tile). ``tiles[i]`` are sample i's grids.
+    """
+
+    sample: torch.Tensor  # long [R]
+    tile: torch.Tensor  # long [R]
+    row: torch.Tensor  # long [R]
+    col: torch.Tensor  # long [R]
+    special: torch.Tensor  # bool [R]
+    tiles: list[list[Tile]]
+
+    @classmethod
+    def empty(cls, num_rows: int, tiles: list[list[Tile]]) -> RowMap:
+        minus = lambda: torch.full((num_rows,), -1, dtype=torch.long)  # noqa: E731
+        return cls(minus(), minus(), minus(), minus(), torch.zeros(num_rows, dtype=torch.bool), tiles)
+
+    @classmethod
+    def of_frames(cls, frames: list[tuple[int, int]], tiles: list[list[Tile]], prefix: int) -> RowMap:
+        """Rows of a tower run on a batch of frames (one image or crop each), [frames, tokens, d].
+
+        ``frames`` gives each frame's (sample, tile) in batch order; a frame holds ``prefix``
+        special tokens, then its tile's grid row by row.
+        """
+        if prefix < 0:
+            raise MmsaeError(f"the vision features drop {-prefix} patch token(s) of each tile (a 'default' feature strategy on a tower with no CLS token); mmsae cannot place them")
+        out = cls.empty(0, tiles)
+        parts = []
+        for sample, tile in frames:
+            grid = tiles[sample][tile]
+            cell = torch.arange(grid.rows * grid.cols)
+            n = prefix + cell.numel()
+            none = torch.full((prefix,), -1, dtype=torch.long)
+            parts.append((torch.full((n,), sample), torch.full((n,), tile), torch.cat([none, cell // grid.cols]), torch.cat([none, cell % grid.cols]),
+                          torch.arange(n) < prefix))
+        if parts:
+            out.sample, out.tile, out.row, out.col, out.special = (torch.cat(p) for p in zip(*parts))
+        return out
+
+    @classmethod
+    def of_sequences(cls, inputs: ModelInputs) -> RowMap:
+        """Rows of a language-model activation [B, T, d]: row b * T + t is token t of sequence b."""
+        batch, seq = inputs.input_ids.shape
+        out = cls.empty(batch * seq, [layout.tiles for layout in inputs.layouts])
+        for i, layout in enumerate(inputs.layouts):
+            rows = i * seq + layout.positions
+            out.sample[rows], out.tile[rows], out.row[rows], out.col[rows] = i, layout.tile, layout.row, layout.col
+        return out
+
+
+@dataclass
+class SiteRows:
+    """The image-patch rows of one site's activation for one batch, and where each lies.
+
+    The activation captured at a site has the site's own shape (``lm:L``: [B, T, d]; a tower run
+    per tile: [tiles, tokens, d]; Qwen2-VL's tower: [patches, d]); flattened to [R, d],
+    ``index`` are the rows kept (image patches, plus CLS/register rows when asked for, marked by
+    ``special`` and with row = col = -1), each with its ``sample``, ``tile``, ``row``, ``col``.
+    ``layouts[i]`` is sample i's patches as a :class:`TokenLayout` whose ``positions`` are rows
+    of the flattened activation, so ``image_heatmap(layouts[i], values)`` paints them.
+    """
+
+    site: Site
+    num_rows: int  # R, the flattened activation's rows
+    index: torch.Tensor  # long [N]
+    sample: torch.Tensor  # long [N]
+    tile: torch.Tensor  # long [N]
+    row: torch.Tensor  # long [N]
+    col: torch.Tensor  # long [N]
+    special: torch.Tensor  # bool [N]
+    layouts: list[TokenLayout]
+
+    @classmethod
+    def build(cls, site: Site, rows: RowMap, inputs: ModelInputs, include_special: bool = False) -> SiteRows:
+        patch = rows.row >= 0
+        index = torch.nonzero(patch | (rows.special if include_special else torch.zeros_like(patch))).flatten()
+        layouts = []
+        for i, layout in enumerate(inputs.layouts):
+            mine = torch.nonzero(patch & (rows.sample == i)).flatten()
+            layouts.append(TokenLayout(mine, rows.tile[mine], rows.row[mine], rows.col[mine], rows.tiles[i] if mine.numel() else [], layout.image_size))
+        return cls(site, int(patch.numel()), index, rows.sample[index], rows.tile[index], rows.row[index], rows.col[index], rows.special[index], layouts)
+
+    def take(self, activation: torch.Tensor) -> torch.Tensor:
+        """The kept rows [N, d] of ``activation``, the site's activation for this batch."""
+        flat = activation.reshape(-1, activation.shape[-1])
+        if flat.shape[0] != self.num_rows:
+            raise MmsaeError(f"{self.site}: the activation has {flat.shape[0]} rows but this batch has {self.num_rows} at that site; pass the activation captured at {self.site} for the same inputs")
+        return flat[self.index.to(flat.device)]
 
 
 class ModelAdapter:
@@ -139,27 +234,171 @@ class ModelAdapter:
         """
         return self.decoder_layers()[self.check_layer(layer)]
 
-    def vision_layers(self) -> torch.nn.ModuleList:
-        """The vision tower's transformer blocks (the first ModuleList inside the tower)."""
+    def vision_tower(self) -> torch.nn.Module:
+        """The vision encoder (a one-line MmsaeError for a model without one)."""
         inner = getattr(self.model, "model", self.model)
         for name in ("vision_tower", "visual", "vision_model"):
             tower = getattr(inner, name, None)
             if tower is not None:
-                for module in tower.modules():
-                    if isinstance(module, torch.nn.ModuleList):
-                        return module
+                return tower
         raise MmsaeError(f"{self.model_id} ({self.family}) has no vision tower to hook")
 
+    def vision_layers(self) -> torch.nn.ModuleList:
+        """The vision tower's transformer blocks (the first ModuleList inside the tower)."""
+        for module in self.vision_tower().modules():
+            if isinstance(module, torch.nn.ModuleList):
+                return module
+        raise MmsaeError(f"{self.model_id} ({self.family}) has no vision tower blocks to hook")
+
     def vision_layer_module(self, layer: int) -> torch.nn.Module:
-        """The module whose output is the vision tower's residual stream after block ``layer``."""
-        layers = self.vision_layers()
-        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(layers):
-            raise MmsaeError(f"vision layer {layer!r} is out of range for {self.model_id}: its vision tower has {len(layers)} blocks, use 0..{len(layers) - 1}")
-        return layers[layer]
+        """The module whose output is the vision tower's residual stream after block ``layer``
+        (the site ``vision:layer``)."""
+        return self.site_module(Site.vision(layer))
 
     def hook_point(self, layer: int) -> str:
         """A stable name for the hook point, recorded in SAE configs and stores."""
         return f"language_model.layers.{layer}"
+
+    # --- sites (see mmsae.models.sites) ------------------------------------------------------
+    def projector(self) -> torch.nn.Module:
+        """The multimodal projector: its output is the image features in the language model's width."""
+        inner = getattr(self.model, "model", self.model)
+        for name in ("multi_modal_projector", "connector"):
+            module = getattr(inner, name, None)
+            if module is not None:
+                return module
+        raise MmsaeError(f"projector: {self.model_id} ({self.family}) has no multimodal projector; its sites are {self.describe_sites()}")
+
+    def vision_width(self) -> int:
+        """The width of the vision tower's residual stream."""
+        return int(self.model.config.vision_config.hidden_size)
+
+    def vision_prefix_tokens(self) -> int:
+        """Tokens the vision tower puts before the patches of each image it sees: a CLS token
+        (CLIP's ``class_embedding``, DINOv2's and ViT's ``cls_token``) and register tokens
+        (DINOv2 with registers); SigLIP, Idefics3 and Qwen2-VL towers have none."""
+        has_cls = any(hasattr(m, "class_embedding") or hasattr(m, "cls_token") for m in self.vision_tower().modules())
+        return int(has_cls) + int(getattr(self.model.config.vision_config, "num_register_tokens", 0) or 0)
+
+    def describe_sites(self) -> str:
+        """The named sites this model has, for messages: "lm:0 to lm:31, vision:0 to vision:23, projector"."""
+        parts = [f"lm:0 to lm:{self.num_layers - 1}"]
+        if self.has_vision:
+            parts += [f"vision:0 to vision:{len(self.vision_layers()) - 1}", "projector"]
+        return ", ".join(parts)
+
+    def _submodule(self, path: str) -> torch.nn.Module | None:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            return None
+
+    def _module_of(self, site: Site) -> torch.nn.Module:
+        """The module of a parsed site, or a one-line MmsaeError naming the site and what the model has."""
+        if site.kind == "lm":
+            n = self.num_layers
+            if site.layer >= n:
+                raise MmsaeError(f"{site} is out of range: the language model of {self.model_id} has {n} decoder layers (lm:0 to lm:{n - 1})")
+            return self.decoder_layers()[site.layer]
+        if site.kind in ("vision", "projector") and not self.has_vision:
+            raise MmsaeError(f"{site}: {self.model_id} ({self.family}) is a text-only model with no vision tower or projector; its sites are {self.describe_sites()}")
+        if site.kind == "vision":
+            layers = self.vision_layers()
+            if site.layer >= len(layers):
+                raise MmsaeError(f"{site} is out of range: the vision tower of {self.model_id} has {len(layers)} blocks (vision:0 to vision:{len(layers) - 1})")
+            return layers[site.layer]
+        if site.kind == "projector":
+            return self.projector()
+        return self.model.get_submodule(site.path)  # (resolve_site has checked that it exists)
+
+    def named_site_modules(self) -> dict[str, Site]:
+        """The qualified module name of every named site of this model (decoder layers, vision
+        blocks, projector) -> its site."""
+        sites = [Site.lm(i) for i in range(self.num_layers)]
+        if self.has_vision:
+            sites += [Site.vision(i) for i in range(len(self.vision_layers()))] + [Site.projector()]
+        wanted = {id(self._module_of(site)): site for site in sites}
+        return {name: wanted[id(m)] for name, m in self.model.named_modules() if id(m) in wanted}
+
+    def site_of_module(self, path: str) -> Site:
+        """The site a module path of this model stands for.
+
+        A path of this model names ``lm:L`` (decoder layer L), ``vision:L`` (vision block L),
+        ``projector``, or else a module site. A path recorded against another root (an SAE saved
+        on LLaVA-NeXT's ``model.layers.24``, or transformers 4's ``vision_tower.vision_model.
+        encoder.layers.3`` where transformers 5 says ``model.vision_tower...``) is mapped by
+        :func:`parse_site`'s released namings, else by a unique dotted-suffix match with a named
+        site's module path. Anything else is a one-line MmsaeError.
+        """
+        named = self.named_site_modules()
+        module = self._submodule(path)
+        if module is not None:
+            for name, site in named.items():
+                if self.model.get_submodule(name) is module:
+                    return site
+            return Site.module(path)
+        site = parse_site(path)
+        if site.kind != "module":
+            self._module_of(site)
+            return site
+        matches = {site for name, site in named.items() if name.endswith("." + path) or path.endswith("." + name)}
+        if len(matches) == 1:
+            return matches.pop()
+        raise MmsaeError(f"{path!r} is not a module of {self.model_id}; use {self.describe_sites()} or a path from model.named_modules()")
+
+    def resolve_site(self, site: Site | str | int) -> Site:
+        """The canonical site ``site`` names in this model, checked to exist.
+
+        Takes a :class:`Site`, a canonical name (``lm:24``, ``vision:3``, ``projector``), a layer
+        number, a released SAE's recorded hook point (``model.layers.24``,
+        ``blocks.24.hook_resid_post``) or a module path of this model (``model.language_model.
+        layers.24`` -> ``lm:24``). Compare an SAE's recorded hook point with a site by
+        ``adapter.resolve_site(recorded) == adapter.resolve_site(site)``.
+        """
+        if isinstance(site, str) and self._submodule(site.strip()) is not None:
+            return self.site_of_module(site.strip())
+        site = parse_site(site)
+        if site.kind == "module":
+            return self.site_of_module(site.path)
+        self._module_of(site)
+        return site
+
+    def site_module(self, site: Site | str | int) -> torch.nn.Module:
+        """The module whose output is ``site``'s activations (hook it with ``mmsae.hooks``)."""
+        return self._module_of(self.resolve_site(site))
+
+    def site_width(self, site: Site | str | int) -> int | None:
+        """d at ``site``: the language model's hidden size for ``lm:L`` and ``projector``, the
+        vision tower's for ``vision:L``; None for another module (take it from a captured activation)."""
+        site = self.resolve_site(site)
+        if site.kind in ("lm", "projector"):
+            return self.hidden_size
+        return self.vision_width() if site.kind == "vision" else None
+
+    def site_rows(self, site: Site | str | int, inputs: ModelInputs, include_special: bool = False) -> SiteRows:
+        """Which rows of ``site``'s activation for the batch ``inputs`` are image patches, and where.
+
+        The activation captured at a site (``mmsae.hooks.run_sites``) is flattened to [R, d];
+        see :class:`SiteRows`. ``include_special`` also returns the CLS/register rows (marked).
+        """
+        site = self.resolve_site(site)
+        if site.kind == "lm":
+            rows = RowMap.of_sequences(inputs)
+        elif site.kind == "vision":
+            rows = self.vision_rows(inputs)
+        elif site.kind == "projector":
+            rows = self.projector_rows(inputs)
+        else:
+            raise MmsaeError(f"{site}: mmsae knows no token geometry for this module; use one of {self.describe_sites()}")
+        return SiteRows.build(site, rows, inputs, include_special)
+
+    def vision_rows(self, inputs: ModelInputs) -> RowMap:
+        """The row map of a vision block's activation for ``inputs`` (family-specific)."""
+        raise MmsaeError(f"{self.model_id} ({self.family}) reports no vision-tower geometry")
+
+    def projector_rows(self, inputs: ModelInputs) -> RowMap:
+        """The row map of the projector's activation for ``inputs`` (family-specific)."""
+        raise MmsaeError(f"{self.model_id} ({self.family}) reports no projector geometry")
 
     def logits(self, inputs: ModelInputs | dict, **kwargs) -> torch.Tensor:
         """The model's logits [B, T, V] for a built batch."""

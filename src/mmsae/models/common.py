@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ..errors import MmsaeError
-from .base import ModelAdapter, ModelInputs, TokenLayout
+from .base import ModelAdapter, ModelInputs, RowMap, TokenLayout
 
 
 def rgb(image: Image.Image) -> Image.Image:
@@ -130,6 +130,32 @@ class ChatAdapter(ModelAdapter):
             self._image_ids = torch.tensor(self.image_token_ids(), dtype=torch.long)
         is_image = torch.isin(input_ids, self._image_ids.to(input_ids.device))
         return torch.nonzero(attention_mask.bool() & ~is_image).flatten().cpu()
+
+    # --- site geometry ---------------------------------------------------------------------
+    def projector_rows(self, inputs: ModelInputs) -> RowMap:
+        """The projector's rows are the image placeholders of the batch, in the order the model
+        scatters them into the sequence (row-major over [B, T]), permuted by
+        :meth:`projector_order`; each gets its language-model layout cell. A placeholder the
+        layout leaves out (LLaVA's CLS under the "full" feature strategy) is a special row."""
+        placeholder = (inputs.input_ids == self.image_token_id).cpu()
+        batch, seq = placeholder.shape
+        rank = placeholder.flatten().cumsum(0).reshape(batch, seq) - 1
+        rows = RowMap.empty(int(placeholder.sum()), [layout.tiles for layout in inputs.layouts])
+        for i, layout in enumerate(inputs.layouts):
+            if layout.image_size is None:
+                continue
+            own = rank[i][placeholder[i]]
+            rows.sample[own], rows.tile[own], rows.special[own] = i, 0, True
+            patch = rank[i, layout.positions]
+            rows.tile[patch], rows.row[patch], rows.col[patch], rows.special[patch] = layout.tile, layout.row, layout.col, False
+        order = self.projector_order(inputs)
+        if order is not None:
+            rows.sample, rows.tile, rows.row, rows.col, rows.special = (t[order] for t in (rows.sample, rows.tile, rows.row, rows.col, rows.special))
+        return rows
+
+    def projector_order(self, inputs: ModelInputs) -> torch.Tensor | None:
+        """Which placeholder each projector output row feeds (None: the same order)."""
+        return None
 
     def empty_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenLayout:
         z = torch.zeros(0, dtype=torch.long)

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration, SmolVLMProcessor
 
 from ..errors import MmsaeError
-from .base import Tile, TokenLayout
+from .base import ModelInputs, RowMap, Tile, TokenLayout
 from .common import ChatAdapter, rgb
 
 
@@ -63,6 +63,23 @@ class Idefics3Adapter(ChatAdapter):
         cell = torch.arange(per_frame).repeat(frames)
         tile = frame_tile.repeat_interleave(per_frame)
         return TokenLayout(positions, tile, cell // side, cell % side, tiles, size, text_positions)
+
+    def vision_rows(self, inputs: ModelInputs) -> RowMap:
+        """The tower runs once per frame ([frames, patches, d], no CLS): the model drops the
+        all-zero padding frames of ``pixel_values`` [B, frames, ...] and runs the rest in order,
+        each image's sub-images row by row, then its global image (layout tiles 1.., then 0)."""
+        pixels = inputs.inputs["pixel_values"]
+        real = pixels.flatten(2).ne(0).any(-1).cpu()  # [B, frames]: as the model's real_images_inds
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        frames, tiles = [], []
+        for i, layout in enumerate(inputs.layouts):
+            n = int(real[i].sum())
+            if n != len(layout.tiles):
+                raise MmsaeError(f"{self.model_id}: sequence {i} has {n} image frames but {len(layout.tiles)} tiles of image tokens (one image per sequence)")
+            tiles.append([Tile(t.box, side, side) for t in layout.tiles])
+            frames += [(i, t) for t in (list(range(1, n)) + [0] if n else [])]
+        return RowMap.of_frames(frames, tiles, self.vision_prefix_tokens())
 
 
 class SmolVLMAdapter(Idefics3Adapter):

@@ -13,7 +13,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from ..errors import MmsaeError
-from .base import Tile, TokenLayout
+from .base import ModelInputs, RowMap, Tile, TokenLayout
 from .common import ChatAdapter
 from .geometry import processed_canvas_box
 
@@ -40,3 +40,15 @@ class LlavaAdapter(ChatAdapter):
         cell = torch.arange(rows * cols)
         box = processed_canvas_box(size[0], size[1], self.processor.image_processor)
         return TokenLayout(positions[skip:], torch.zeros_like(cell), cell // cols, cell % cols, [Tile(box, rows, cols)], size, text_positions)
+
+    def vision_rows(self, inputs: ModelInputs) -> RowMap:
+        """The tower runs once per image ([images, tokens, d]): its patch grid over the processed
+        canvas, whose box in the original image is the layout's tile, after the CLS token if any."""
+        pixels = inputs.inputs["pixel_values"]
+        patch = self.model.config.vision_config.patch_size
+        rows, cols = pixels.shape[-2] // patch, pixels.shape[-1] // patch
+        samples = [i for i, layout in enumerate(inputs.layouts) if layout.image_size is not None]
+        if len(samples) != pixels.shape[0]:
+            raise MmsaeError(f"{self.model_id}: the batch has {pixels.shape[0]} images but {len(samples)} sequences with image tokens (one image per sequence)")
+        tiles = [[Tile(layout.tiles[0].box, rows, cols)] if layout.image_size is not None else [] for layout in inputs.layouts]
+        return RowMap.of_frames([(i, 0) for i in samples], tiles, self.vision_prefix_tokens())

@@ -18,7 +18,7 @@ from transformers import LlavaNextForConditionalGeneration
 from transformers.image_processing_utils import select_best_resolution
 
 from ..errors import MmsaeError
-from .base import Tile, TokenLayout
+from .base import ModelInputs, RowMap, Tile, TokenLayout
 from .common import ChatAdapter
 from .geometry import Box, size_value, resize_output_size
 
@@ -153,3 +153,33 @@ class LlavaNextAdapter(ChatAdapter):
         tiles, cells, patch_positions = self.image_layout(positions, size)
         cell = torch.tensor(cells, dtype=torch.long)
         return TokenLayout(patch_positions, cell[:, 0], cell[:, 1], cell[:, 2], tiles, size, text_positions)
+
+    def crop_tiles(self, size: tuple[int, int]) -> list[Tile]:
+        """The grids the vision tower sees for one image: the base image, then every AnyRes crop
+        (row by row) whole, padding included: a crop's box may reach outside the image."""
+        image_size, patch = self.vision_sizes()
+        width, height = size
+        ip = self.processor.image_processor
+        geo = anyres_geometry(width, height, ip, self.model.config.image_grid_pinpoints, image_size, patch)
+        side = geo.side
+        tiles = [Tile(base_tile_box(width, height, ip), side, side)]
+        for i in range(geo.crops_high):
+            for j in range(geo.crops_wide):
+                tiles.append(Tile(geo.cells_box(range(i * side, (i + 1) * side), range(j * side, (j + 1) * side)), side, side))
+        return tiles
+
+    def crop_rows(self, inputs: ModelInputs, prefix: int) -> RowMap:
+        """Rows of a per-crop activation [crops of the batch, prefix + side * side, d]."""
+        tiles = [self.crop_tiles(layout.image_size) if layout.image_size is not None else [] for layout in inputs.layouts]
+        return RowMap.of_frames([(i, t) for i, crops in enumerate(tiles) for t in range(len(crops))], tiles, prefix)
+
+    def vision_rows(self, inputs: ModelInputs) -> RowMap:
+        """The tower runs once per crop (base image first): each crop's full patch grid."""
+        return self.crop_rows(inputs, self.vision_prefix_tokens())
+
+    def projector_rows(self, inputs: ModelInputs) -> RowMap:
+        """The projector maps each crop's features as the tower gave them (CLS dropped by the
+        "default" feature strategy): per-crop grids like the vision rows. Unpadding, newline tokens
+        (and OneVision's shrinking) happen after the projector, in ``pack_image_features``."""
+        drop = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
+        return self.crop_rows(inputs, self.vision_prefix_tokens() - drop)
