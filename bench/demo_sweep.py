@@ -38,6 +38,10 @@ SETTINGS: dict[str, DemoSizes] = {
     "mat-8x-k8-sink": dataclasses.replace(FULL, expansion=8, k=8, train_options=MATRYOSHKA_SINKS),
     "mat-16x-k4-sink": dataclasses.replace(FULL, expansion=16, k=4, train_options=MATRYOSHKA_SINKS),
     "topk-4x-k4-sink": dataclasses.replace(FULL, expansion=4, k=4, train_options={"exclude_norm_above": 4.0}),
+    "mat-2x-k8-sink": dataclasses.replace(FULL, expansion=2, k=8, train_options=MATRYOSHKA_SINKS),
+    "mat-4x-k8-sink-auxk": dataclasses.replace(FULL, expansion=4, k=8, train_options={**MATRYOSHKA_SINKS, "auxk_coefficient": 1 / 32}),
+    "mat-8x-k8-sink-auxk": dataclasses.replace(FULL, expansion=8, k=8, train_options={**MATRYOSHKA_SINKS, "auxk_coefficient": 1 / 32}),
+    "mat-4x-k8-sink-resample": dataclasses.replace(FULL, expansion=4, k=8, train_options={**MATRYOSHKA_SINKS, "resample_every": 25}),
 }
 
 
