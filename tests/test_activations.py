@@ -257,7 +257,7 @@ def writer_threads() -> list[threading.Thread]:
 def test_interrupt_while_shards_wait_for_the_writer_resumes_exactly(tmp_path, text_jsonl, monkeypatch):
     kwargs = dict(layer=0, batch_size=1, shard_size=1)
     reference = run(tmp_path, "llama", text_jsonl, name="ref", **kwargs)
-    real_save, real_run_until = activations.save_tensors, hooks.run_until
+    real_save, real_run_sites = activations.save_tensors, hooks.run_sites
     calls = {"n": 0}
 
     def slow_save(*args, **kw):
@@ -268,10 +268,10 @@ def test_interrupt_while_shards_wait_for_the_writer_resumes_exactly(tmp_path, te
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return real_run_until(*args, **kw)
+        return real_run_sites(*args, **kw)
 
     monkeypatch.setattr(activations, "save_tensors", slow_save)
-    monkeypatch.setattr(hooks, "run_until", interrupt_fourth_batch)
+    monkeypatch.setattr(hooks, "run_sites", interrupt_fourth_batch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "llama", text_jsonl, name="cut", **kwargs)
     assert not writer_threads()  # joined, not left behind
@@ -409,7 +409,7 @@ def test_torchrun_two_processes_give_the_same_tokens_as_one(tmp_path, image_dir)
 
 
 def test_bad_input_is_one_line_errors(tmp_path, image_dir, text_jsonl, capsys):
-    with pytest.raises(MmsaeError, match=r"layer 3 is out of range .* 3 decoder layers \(0-2\)"):
+    with pytest.raises(MmsaeError, match=r"lm:3 is out of range: .* has 3 decoder layers \(lm:0 to lm:2\)"):
         run(tmp_path, "llava", image_dir, layer=3)
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -424,7 +424,7 @@ def test_bad_input_is_one_line_errors(tmp_path, image_dir, text_jsonl, capsys):
     code = cli_main(["harvest", "--model", tiny_model("llava"), "--layer", "9", "--data", str(image_dir),
                      "--out", str(tmp_path / "cli")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("mmsae harvest: error: layer 9 is out of range")
+    assert code == 2 and err[-1].startswith("mmsae harvest: error: lm:9 is out of range")
 
 
 # --- the store and its batch stream ----------------------------------------------------------

@@ -224,7 +224,7 @@ def test_harvest_out_of_memory_keeps_its_shards_and_resumes(tmp_path, text_jsonl
     args = ["harvest", "--model", tiny_model("llama"), "--layer", "0", "--data", str(text_jsonl),
             "--batch-size", "1", "--shard-size", "1", "--device", "cpu"]
     assert cli_main(args + ["--out", str(tmp_path / "ref")]) == 0
-    real_run, calls = mmsae.hooks.run_until, {"n": 0}
+    real_run, calls = mmsae.hooks.run_sites, {"n": 0}
 
     def run_that_runs_out(*a, **kw):  # the third forward pass asks for more memory than there is
         calls["n"] += 1
@@ -232,7 +232,7 @@ def test_harvest_out_of_memory_keeps_its_shards_and_resumes(tmp_path, text_jsonl
             impossible_allocation()
         return real_run(*a, **kw)
 
-    monkeypatch.setattr(mmsae.hooks, "run_until", run_that_runs_out)
+    monkeypatch.setattr(mmsae.hooks, "run_sites", run_that_runs_out)
     out = tmp_path / "oom"
     last = last_error_line(cli_main(args + ["--out", str(out)]), capsys, "harvest")
     assert last.endswith("lower --batch-size or --shard-size and rerun; finished work is kept")

@@ -182,7 +182,7 @@ def test_bad_input_is_one_line_error(adapter, tmp_path):
     cases = [
         lambda: steered(adapter, sae, [Intervention(128, 1.0)]).__enter__(),
         lambda: steered(adapter, make_sae(adapter, d_in=16), [Intervention(1, 1.0)]).__enter__(),
-        lambda: steered(adapter, make_sae(adapter, hook_point="language_model.layers.2"), [Intervention(1, 1.0)]).__enter__(),
+        lambda: steered(adapter, make_sae(adapter, hook_point="language_model.layers.2"), [Intervention(1, 1.0)], layer=LAYER).__enter__(),  # not the SAE's site
         lambda: steered(adapter, sae, [Intervention(1, 1.0, "multiply")], inputs=inputs).__enter__(),
         lambda: steered(adapter, sae, [Intervention(1, 1.0)], span="image").__enter__(),  # span needs inputs
     ]

@@ -38,6 +38,7 @@ from .data.sources import DEFAULT_PROMPT, open_source
 from .errors import MmsaeError
 from .exclusion import TokenExclusion
 from .io import claim_dir, is_no_space, json_format, no_space_error, read_json, save_tensors, write_json
+from .models.sites import Site, parse_site, site_dirname
 from .runtime import check_dtype, init_distributed, out_of_memory_guard, resolve_device
 
 FORMAT = "mmsae-activations"
@@ -47,7 +48,7 @@ METADATA_KEYS = ("sample", "pos", "is_image", "tile", "row", "col")
 TokenKind = Literal["all", "image", "text"]
 # Settings that change what a store holds; a resumed run must use the same ones.
 # (The store dtype is checked once the model is loaded, as "auto" depends on where it runs.)
-_RESUME_KEYS = ("model", "layer", "data", "tokens", "max_tokens", "max_samples", "model_dtype",
+_RESUME_KEYS = ("model", "layer", "site", "data", "tokens", "max_tokens", "max_samples", "model_dtype",
                 "prompt", "split", "image_column", "text_column", "shard_size", "exclude_token_ids", "exclude_norm_above")
 
 
@@ -56,9 +57,10 @@ class HarvestConfig:
     """What ``mmsae harvest`` runs: one model layer over one data source, into one store folder."""
 
     model: str = field(metadata={"help": "model hub id or local path"})
-    layer: int = field(metadata={"help": "decoder layer whose output (the residual stream) is stored, 0-based", "min": 0})
     data: str = field(metadata={"help": "image folder, .jsonl of {image, text}, Hugging Face dataset (name or path) or shapes:N[:SEED]"})
-    out: str = field(metadata={"help": "store folder (created; rerun the same command to resume)"})
+    out: str = field(metadata={"help": "store folder (created; rerun the same command to resume); with several --site, one store per site in OUT/<site> (lm:2 -> OUT/lm-2)"})
+    layer: Optional[int] = field(default=None, metadata={"help": "decoder layer whose output (the residual stream) is stored, 0-based: the same as --site lm:LAYER", "min": 0})
+    site: Optional[list[str]] = field(default=None, metadata={"help": "sites to store (lm:L, vision:L, projector; one forward pass for all): vision and projector sites store the image-patch rows"})
     tokens: Literal["all", "image", "text"] = field(default="all", metadata={"help": "which tokens to keep"})
     max_tokens: Optional[int] = field(default=None, metadata={"help": "stop after this many tokens (over all ranks)", "min": 1})
     max_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N samples of the source", "min": 1})
@@ -81,6 +83,25 @@ class HarvestConfig:
         check_config(self)
         if self.device_map is not None and self.device != "auto":
             raise MmsaeError(f"--device-map {self.device_map} places the model itself; leave out --device {self.device}")
+        if (self.layer is None) == (self.site is None):
+            raise MmsaeError("harvest needs --layer L or --site SITE [SITE ...], not both" if self.layer is not None
+                             else "harvest needs --layer L or --site SITE [SITE ...]; give one")
+        sites = self.sites()
+        if len(set(sites)) != len(sites):
+            raise MmsaeError(f"--site {' '.join(self.site)} names a site twice; give each once")
+        image_sites = [str(s) for s in sites if s.kind != "lm"]
+        if image_sites and (self.exclude_token_ids is not None or self.exclude_norm_above is not None):
+            raise MmsaeError(f"--exclude-token-ids / --exclude-norm-above apply to lm sites only; harvest {', '.join(image_sites)} without them")
+        if image_sites and self.tokens == "text":
+            raise MmsaeError(f"--tokens text keeps nothing at {', '.join(image_sites)} (image-patch rows only); harvest those sites with --tokens all")
+
+    def sites(self) -> list[Site]:
+        """The sites to store: ``--site`` parsed, or ``lm:LAYER``."""
+        sites = [Site.lm(self.layer)] if self.site is None else [parse_site(s) for s in self.site]
+        for site in sites:
+            if site.kind == "module":
+                raise MmsaeError(f"--site {site}: harvest stores lm:L, vision:L and projector sites, not other modules")
+        return sites
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,39 +109,49 @@ class HarvestConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def harvest(cfg: HarvestConfig) -> ActivationStore:
-    """Run ``cfg.model`` over ``cfg.data`` and store layer ``cfg.layer``'s activations in ``cfg.out``.
+def harvest(cfg: HarvestConfig) -> ActivationStore | dict[str, ActivationStore]:
+    """Run ``cfg.model`` over ``cfg.data`` and store the activations at ``cfg.sites()`` in ``cfg.out``.
 
-    Resumable: rerunning with the same config continues after the last complete shard. Under
-    ``torchrun`` every rank writes its own shards; rank 0 writes the final manifest.
+    One site: the store is ``cfg.out`` (returned). Several: one forward pass per batch feeds one
+    store per site, ``cfg.out/<site>`` (``lm:2`` -> ``lm-2``; returned as {site name: store}).
+    Resumable: rerunning with the same config continues each store after its last complete
+    shard. Under ``torchrun`` every rank writes its own shards; rank 0 writes the manifests.
     """
     device = resolve_device(cfg.device)
     check_dtype(cfg.model_dtype, device, "--model-dtype")
     rank, world = init_distributed(device)
+    sites = cfg.sites()
     out = Path(cfg.out)
+    outs = {sites[0]: out} if len(sites) == 1 else {site: out / site_dirname(site) for site in sites}
     if rank == 0:  # one claim: ranks checking an empty folder at once would see each other's marker
-        claim_dir(out, "harvest", cfg.overwrite, legacy=_is_store_folder)
+        if len(sites) > 1:
+            claim_dir(out, "harvest", cfg.overwrite)
+        for folder in outs.values():
+            claim_dir(folder, "harvest", cfg.overwrite, legacy=_is_store_folder)
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    progress = _start_progress(out, cfg, rank, world)
-    if not progress["done"]:  # (the shards written before running out of memory stay: a rerun resumes)
+    progress = {site: _start_progress(folder, cfg, rank, world) for site, folder in outs.items()}
+    if not all(p["done"] for p in progress.values()):  # (the shards written before running out of memory stay: a rerun resumes)
         with out_of_memory_guard("harvest", device, "--batch-size or --shard-size"):
-            _harvest_rank(cfg, out, progress, rank, world, device)
+            _harvest_rank(cfg, outs, progress, rank, world, device)
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == 0:
-        merged = _merge_progress(out)
-        if merged["complete"] and merged["stats"]["n_tokens"] == 0:  # (one process stops earlier, in _harvest_rank)
-            if merged["stats"]["n_excluded"]:
-                TokenExclusion.of(cfg).check_kept(0, f"data {cfg.data}")
-            raise MmsaeError(f"data {cfg.data} gave no tokens to store; fix the data or choose another --data")
-        manifest = _write_manifest(out)
-        if manifest["complete"]:
-            stats = manifest["stats"]
-            tqdm.write(f"harvest: {stats['n_tokens']} tokens from {stats['n_samples']} samples in {out}"
-                       + (f"; skipped {stats['n_skipped']} unreadable samples (listed in manifest.json)"
-                          if stats["n_skipped"] else ""), file=sys.stderr)
-    return ActivationStore(out)
+        for site, folder in outs.items():
+            at = f" at {site}" if len(sites) > 1 else ""
+            merged = _merge_progress(folder)
+            if merged["complete"] and merged["stats"]["n_tokens"] == 0:  # (one process stops earlier, in _harvest_rank)
+                if merged["stats"]["n_excluded"]:
+                    TokenExclusion.of(cfg).check_kept(0, f"data {cfg.data}")
+                raise MmsaeError(f"data {cfg.data} gave no tokens to store{at}; fix the data or choose another --data")
+            manifest = _write_manifest(folder)
+            if manifest["complete"]:
+                stats = manifest["stats"]
+                tqdm.write(f"harvest: {stats['n_tokens']} tokens from {stats['n_samples']} samples in {folder}"
+                           + (f"; skipped {stats['n_skipped']} unreadable samples (listed in manifest.json)"
+                              if stats["n_skipped"] else ""), file=sys.stderr)
+    stores = {str(site): ActivationStore(folder) for site, folder in outs.items()}
+    return stores[str(sites[0])] if len(sites) == 1 else stores
 
 
 def _progress_path(out: Path, rank: int) -> Path:
@@ -418,102 +449,175 @@ def _on(index: torch.Tensor, device: torch.device) -> torch.Tensor:
     return index.pin_memory().to(device, non_blocking=True)
 
 
-def _harvest_rank(cfg: HarvestConfig, out: Path, progress: dict, rank: int, world: int, device: torch.device) -> None:
-    from .hooks import run_until
+@dataclass
+class _SiteStore:
+    """One site's store during a harvest: its writer and counters."""
+
+    site: Site
+    writer: _ShardWriter
+    budget: int | None  # this rank's share of --max-tokens
+    resume_at: int  # samples before this id are in the store already
+    tokens_total: int
+    samples_done: int
+    next_sample: int
+    done: bool
+
+
+def _harvest_rank(cfg: HarvestConfig, outs: dict[Site, Path], progress: dict[Site, dict], rank: int, world: int,
+                  device: torch.device) -> None:
+    from .hooks import run_sites
     from .models import load_adapter
 
     if cfg.device_map is not None and world > 1:
         raise MmsaeError(f"--device-map {cfg.device_map} spreads one process over every GPU; run it without torchrun")
     adapter = load_adapter(cfg.model, dtype=cfg.model_dtype, device=device, device_map=cfg.device_map,
                            trust_remote_code=cfg.trust_remote_code)
-    if not 0 <= cfg.layer < adapter.num_layers:
-        raise MmsaeError(f"layer {cfg.layer} is out of range for {cfg.model}: it has {adapter.num_layers} "
-                         f"decoder layers (0-{adapter.num_layers - 1}); choose --layer in that range")
+    sites = [adapter.resolve_site(site) for site in outs]  # one-line errors for a site the model lacks
     source = open_source(cfg.data, split=cfg.split, image_column=cfg.image_column, text_column=cfg.text_column,
                          prompt=cfg.prompt, allow_text_only=not adapter.has_vision)
     budget = None
     if cfg.max_tokens is not None:
         budget = cfg.max_tokens // world + (rank < cfg.max_tokens % world)
-    store_dtype = _resolve_store_dtype(cfg.store_dtype, adapter.device, out)
-    writer = _ShardWriter(out, progress, STORE_DTYPES[store_dtype])
+    stores = []
+    for site in sites:
+        out, p = outs[site], progress[site]
+        store_dtype = _resolve_store_dtype(cfg.store_dtype, adapter.device, out)
+        p["hook_point"], p["d"] = _hook_point(adapter, site), adapter.site_width(site)
+        p["site"], p["layer"] = str(site), site.layer if site.kind == "lm" else None
+        p["dtype"] = store_dtype
+        p["source"] = source.spec
+        stores.append(_SiteStore(site, _ShardWriter(out, p, STORE_DTYPES[store_dtype]), budget, p["next_sample"],
+                                 p["n_tokens"], p["samples_done"], p["next_sample"], p["done"]))
     rule = TokenExclusion.of(cfg)
-    progress["hook_point"], progress["d"] = adapter.hook_point(cfg.layer), adapter.hidden_size
-    progress["dtype"] = store_dtype
-    progress["source"] = source.spec
     if source.num_samples == 0:
         raise MmsaeError(f"data {cfg.data} holds no samples; give --data a source with samples")
 
+    def on_skip(sample_id: int, reason: str) -> None:
+        for st in stores:
+            if sample_id >= st.resume_at:
+                st.writer.skip(sample_id, reason)
+
+    live = [st for st in stores if not st.done]
+    first = min(live, key=lambda st: st.resume_at)
     stop = cfg.max_samples if cfg.max_samples is not None else source.num_samples
     total = None if stop is None else len(range(rank, stop, world))
-    samples = source.samples(start=progress["next_sample"], rank=rank, world=world, stop=cfg.max_samples,
-                             on_skip=writer.skip)
-    bar = tqdm(total=total, initial=progress["samples_done"] + len(progress["skipped"]), unit="sample",
-               desc=f"harvest L{cfg.layer}" + (f" rank {rank}" if world > 1 else ""), disable=None if rank == 0 else True,
-               dynamic_ncols=True)
-    tokens_total, samples_done = progress["n_tokens"], progress["samples_done"]
-    next_sample = progress["next_sample"]
+    samples = source.samples(start=first.resume_at, rank=rank, world=world, stop=cfg.max_samples, on_skip=on_skip)
+    bar = tqdm(total=total, initial=first.samples_done + len(first.writer.progress["skipped"]), unit="sample",
+               desc=f"harvest {' '.join(str(st.site) for st in live)}" + (f" rank {rank}" if world > 1 else ""),
+               disable=None if rank == 0 else True, dynamic_ncols=True)
     seconds: dict[str, float] = {"data": 0.0, "model": 0.0, "store": 0.0}
     session_tokens, t_start = 0, time.perf_counter()
-    done = False
     warned_text_only = False
     try:
         t0 = time.perf_counter()
         for batch, model_inputs in _prefetch(_batched(samples, adapter, cfg.batch_size)):
             t1 = time.perf_counter()
-            hidden = run_until(adapter, cfg.layer, model_inputs)
+            has_image = any(s.image is not None for s in batch)
+            # a batch without images never reaches the vision tower: its image sites get no rows
+            wanted = [st.site for st in live if not st.done and (st.site.kind == "lm" or has_image)]
+            acts = run_sites(adapter, wanted, model_inputs) if wanted else {}
             t2 = time.perf_counter()
-            rows, copies = _token_rows(hidden, batch, model_inputs.layouts, cfg.tokens, writer.dtype,
-                                       model_inputs.inputs.get("input_ids"), rule)
-            writer.wait_for(copies)
-            for sample, (row, n_excluded) in zip(batch, rows):
-                # counted with the rows, so progress-R.json's count matches its shards after a crash
-                writer.n_excluded += n_excluded
+            for st in live:
+                if st.done:
+                    continue
+                if st.site not in acts:
+                    rows = [({}, 0)] * len(batch)
+                elif st.site.kind == "lm":
+                    rows, copies = _token_rows(acts[st.site], batch, model_inputs.layouts, cfg.tokens, st.writer.dtype,
+                                               model_inputs.inputs.get("input_ids"), rule)
+                    st.writer.wait_for(copies)
+                else:
+                    rows, copies = _patch_rows(adapter, st.site, acts[st.site], batch, model_inputs, st.writer.dtype)
+                    st.writer.wait_for(copies)
+                for sample, (row, n_excluded) in zip(batch, rows):
+                    if sample.id < st.resume_at:  # stored before the run that this one resumes
+                        continue
+                    # counted with the rows, so progress-R.json's count matches its shards after a crash
+                    st.writer.n_excluded += n_excluded
+                    n = len(row["sample"]) if row else 0
+                    if st.budget is not None and st.tokens_total + n >= st.budget:
+                        row = {k: v[: st.budget - st.tokens_total] for k, v in row.items()}
+                        n = st.budget - st.tokens_total
+                        st.done = True
+                    if n:
+                        st.writer.add(row)
+                    st.tokens_total += n
+                    session_tokens += n
+                    st.samples_done += 1
+                    st.next_sample = sample.id + 1
+                    if st.done:
+                        break
+                if st.writer.buffered >= cfg.shard_size or st.done:
+                    st.writer.flush(st.next_sample, st.samples_done, st.done, seconds)
+            for sample in batch:
                 if sample.image is None and adapter.has_vision and not warned_text_only:
                     warned_text_only = True
                     tqdm.write(f"harvest: warning: sample {sample.id} of {cfg.data} has no image, so {cfg.model} (a "
                                "vision-language model) gives it text tokens only; so may later samples (warned once)",
                                file=sys.stderr)
-                if budget is not None and tokens_total + len(row["sample"]) >= budget:
-                    row = {k: v[: budget - tokens_total] for k, v in row.items()}
-                    done = True
-                writer.add(row)
-                tokens_total += len(row["sample"])
-                session_tokens += len(row["sample"])
-                samples_done += 1
-                next_sample = sample.id + 1
-                if done:
-                    break
-            if writer.buffered >= cfg.shard_size or done:
-                writer.flush(next_sample, samples_done, done, seconds)
             t3 = time.perf_counter()
             seconds["data"] += t1 - t0
             seconds["model"] += t2 - t1
             seconds["store"] += t3 - t2
             bar.update(len(batch))
             bar.set_postfix_str(f"{session_tokens / (t3 - t_start):,.0f} tok/s, {len(source.skipped)} skipped", refresh=False)
-            if done:
+            if all(st.done for st in live):
                 break
             t0 = time.perf_counter()
-        if not done and tokens_total == 0 and world == 1:  # nothing recorded: no empty store for later stages
-            if writer.n_excluded:
-                rule.check_kept(0, f"data {cfg.data}")  # the exclusion left out every token
-            skips = source.skipped
-            why = (f" ({len(skips)} samples skipped; first: sample {skips[0][0]}: {skips[0][1]})" if skips
-                   else f" (--tokens {cfg.tokens})" if cfg.tokens != "all" else "")
-            raise MmsaeError(f"data {cfg.data} gave no tokens to store{why}; fix the data or choose another --data")
-        if not done:  # the source is exhausted: the last shard, and every skip up to its end
-            end = max([next_sample, stop or 0] + [i + 1 for i, _ in writer.pending_skips])
-            writer.flush(end, samples_done, True, seconds)
+        for st in live:
+            if st.done:
+                continue
+            if st.tokens_total == 0 and world == 1:  # nothing recorded: no empty store for later stages
+                if st.writer.n_excluded:
+                    rule.check_kept(0, f"data {cfg.data}")  # the exclusion left out every token
+                skips = source.skipped
+                at = f" at {st.site}" if len(stores) > 1 else ""
+                why = (f" ({len(skips)} samples skipped; first: sample {skips[0][0]}: {skips[0][1]})" if skips
+                       else f" (--tokens {cfg.tokens})" if cfg.tokens != "all" else "")
+                raise MmsaeError(f"data {cfg.data} gave no tokens to store{at}{why}; fix the data or choose another --data")
+            # the source is exhausted: the last shard, and every skip up to its end
+            end = max([st.next_sample, stop or 0] + [i + 1 for i, _ in st.writer.pending_skips])
+            st.writer.flush(end, st.samples_done, True, seconds)
     except BaseException:
-        writer.close(failed=True)  # (the shards already on disk stay recorded: a rerun resumes after them)
+        for st in stores:
+            st.writer.close(failed=True)  # (the shards already on disk stay recorded: a rerun resumes after them)
         raise
     finally:
         bar.close()
-    writer.close()
-    if writer.progress["skipped"]:
-        first_id, reason = writer.progress["skipped"][0]
-        tqdm.write(f"harvest: rank {rank} skipped {len(writer.progress['skipped'])} samples with missing or "
-                   f"unreadable images (first: sample {first_id}: {reason})", file=sys.stderr)
+    for st in stores:
+        st.writer.close()
+    skipped = first.writer.progress["skipped"]
+    if skipped:
+        tqdm.write(f"harvest: rank {rank} skipped {len(skipped)} samples with missing or "
+                   f"unreadable images (first: sample {skipped[0][0]}: {skipped[0][1]})", file=sys.stderr)
+
+
+def _hook_point(adapter, site: Site) -> str:
+    """The name recorded for a site's module: mmsae's lm hook point, else the module's path."""
+    if site.kind == "lm":
+        return adapter.hook_point(site.layer)
+    return next(name for name, named in adapter.named_site_modules().items() if named == site)
+
+
+def _patch_rows(adapter, site: Site, activation: torch.Tensor, batch: list[Sample], inputs, store_dtype: torch.dtype
+                ) -> tuple[list[tuple[dict, int]], list]:
+    """Per sample, the image-patch rows of a vision or projector site's activation (CLS and
+    register rows left out) and their metadata, like ``_token_rows``'s image tokens: ``pos`` is
+    the patch's order among its sample's patches, ``tile``/``row``/``col`` where it lies."""
+    rows = adapter.site_rows(site, inputs)
+    order = torch.argsort(rows.sample, stable=True)  # the samples' rows contiguous, so each is a slice
+    events: list = []
+    acts = _to_host(rows.take(activation)[_on(order, activation.device)], store_dtype, events)
+    sample, tile, row, col = rows.sample[order], rows.tile[order], rows.row[order], rows.col[order]
+    out, start = [], 0
+    for i, s in enumerate(batch):
+        n = int((sample == i).sum())
+        part = slice(start, start + n)
+        out.append(({"acts": acts[part], "sample": torch.full((n,), s.id, dtype=torch.int64),
+                     "pos": torch.arange(n, dtype=torch.int32), "is_image": torch.ones(n, dtype=torch.bool),
+                     "tile": tile[part].to(torch.int16), "row": row[part].to(torch.int16), "col": col[part].to(torch.int16)}, 0))
+        start += n
+    return out, events
 
 
 def _resolve_store_dtype(requested: str, model_device: torch.device, out: Path) -> str:
@@ -543,8 +647,8 @@ def _merge_progress(out: Path) -> dict:
     n_tokens = sum(s["n_tokens"] for s in shards)
     n_image = sum(s["n_image_tokens"] for s in shards)
     return {
-        "format": FORMAT, "version": VERSION, "model": cfg["model"], "layer": cfg["layer"],
-        "hook_point": described.get("hook_point"), "d": described.get("d"),
+        "format": FORMAT, "version": VERSION, "model": cfg["model"], "layer": described.get("layer", cfg["layer"]),
+        "site": described.get("site"), "hook_point": described.get("hook_point"), "d": described.get("d"),
         "dtype": described.get("dtype", cfg.get("dtype")),  # the dtype used (older stores: their config's)
         "source": described.get("source", cfg["data"]), "tokens": cfg["tokens"], "world": world,
         "complete": len(progress) == world and all(p["done"] for p in progress),
@@ -615,9 +719,11 @@ class ActivationStore:
 
     @property
     def cfg(self) -> dict:
-        """model, layer, hook_point, d, dtype, data source, tokens and the full harvest config."""
+        """model, layer, site, hook_point, d, dtype, data source, tokens and the full harvest config
+        (``site``: ``lm:LAYER`` for stores harvested before sites were recorded)."""
         m = self.manifest
-        return {"model": m["model"], "layer": m["layer"], "hook_point": m["hook_point"], "d": m["d"],
+        site = m.get("site") or (f"lm:{m['layer']}" if m.get("layer") is not None else None)
+        return {"model": m["model"], "layer": m["layer"], "site": site, "hook_point": m["hook_point"], "d": m["d"],
                 "dtype": m["dtype"], "data": m["config"]["data"], "tokens": m["tokens"],
                 "mean_norm": m["stats"]["mean_norm"], "harvest": m["config"]}
 

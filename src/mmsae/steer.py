@@ -34,6 +34,7 @@ from .config import check_config
 from .errors import MmsaeError
 from .hooks import edit
 from .io import append_jsonl, check_own_file, ensure_dir, latest_rows, read_jsonl, write_json
+from .models.sites import check_sae_site
 from .runtime import check_dtype, out_of_memory_guard, resolve_device
 
 Mode = Literal["clamp", "add", "scale"]
@@ -55,25 +56,13 @@ class Intervention:
 # --- checks shared with attribution -----------------------------------------------------------
 
 
-def resolve_layer(adapter, sae, layer: int | None = None) -> int:
-    """The layer the SAE reads, after checking that it fits this model (one-line errors)."""
-    cfg = sae.cfg
-    layer = getattr(cfg, "layer", None) if layer is None else layer
-    if layer is None:
-        raise MmsaeError("the SAE's cfg.json records no layer; pass --layer with the layer it was trained on")
-    if not 0 <= layer < adapter.num_layers:
-        raise MmsaeError(f"layer {layer} is out of range: the model has {adapter.num_layers} layers (0..{adapter.num_layers - 1})")
-    if cfg.d_in != adapter.hidden_size:
-        raise MmsaeError(
-            f"SAE input width d_in={cfg.d_in} does not match the model's hidden size {adapter.hidden_size}; "
-            "use an SAE trained on this model")
-    recorded = getattr(cfg, "hook_point", None)
-    expected = adapter.hook_point(layer)
-    if recorded and recorded != expected:
-        raise MmsaeError(
-            f"the SAE was trained at hook point '{recorded}' but this model's layer {layer} is '{expected}'; "
-            "use the SAE's own layer (or an SAE trained on this model and layer)")
-    return layer
+def resolve_layer(adapter, sae, layer: int | str | None = None) -> int:
+    """The decoder layer the SAE reads, after ``check_sae_site`` has checked that its site and
+    width fit this model (``layer``: a layer or site name to use, None: the SAE's own)."""
+    site = check_sae_site(sae, adapter, layer)
+    if site.kind != "lm":
+        raise MmsaeError(f"the SAE reads {site}: steering, attribution and evaluation are not yet supported at {site.kind} sites; use an SAE trained at an lm:L site")
+    return site.layer
 
 
 def check_features(sae, features: Sequence[int]) -> None:

@@ -125,3 +125,59 @@ def parse_site(text: str | int | Site) -> Site:
     if _MODULE_PATH.match(name):
         return Site.module(name)
     raise MmsaeError(f"site {text!r} is not understood; use {SITE_FORMS}")
+
+
+def site_dirname(site: Site | str) -> str:
+    """The folder name of a site's store in a multi-site harvest: ``lm:2`` -> ``lm-2``."""
+    return str(site).replace(":", "-")
+
+
+def recorded_site(cfg) -> str | int | None:
+    """The site an SAE config records (``cfg`` is a SaeConfig, an SAE or a cfg dict): its
+    ``site``, else its ``hook_point``, else its ``layer`` (``lm:L``); None if it records none."""
+    cfg = getattr(cfg, "cfg", cfg)
+    get = cfg.get if isinstance(cfg, dict) else lambda key: getattr(cfg, key, None)
+    for key in ("site", "hook_point", "layer"):
+        if get(key) is not None:
+            return get(key)
+    return None
+
+
+def check_sae_site(sae, adapter, site: Site | str | int | None = None, name: str = "the SAE") -> Site:
+    """The site the SAE ``sae`` (an SAE, its SaeConfig or cfg dict) is used at on ``adapter``.
+
+    The SAE's recorded site (see :func:`recorded_site`; a release's ``model.layers.24`` is
+    ``lm:24`` on LLaVA) and the requested ``site`` (None: the recorded one) are resolved on the
+    adapter; a site mismatch, a width mismatch or an SAE that records no site when none is
+    requested is a one-line MmsaeError naming ``name``.
+    """
+    cfg = getattr(sae, "cfg", sae)
+    d_in = cfg.get("d_in") if isinstance(cfg, dict) else getattr(cfg, "d_in", None)
+    recorded = recorded_site(cfg)
+    if recorded is None and site is None:
+        raise MmsaeError(f"{name} records no site or layer; pass --site (or --layer) with the one it was trained at")
+    try:
+        trained = None if recorded is None else adapter.resolve_site(recorded)
+    except MmsaeError as e:  # say whose recorded site it is
+        raise MmsaeError(f"{name} was trained at hook point {recorded!r}, not a site of this model: {e}") from e
+    wanted = trained if site is None else adapter.resolve_site(site)
+    if trained is not None and trained != wanted:
+        raise MmsaeError(f"{name} was trained at {trained} but --site is {wanted}; use the SAE's own site or an SAE trained at {wanted}")
+    width = adapter.site_width(wanted)
+    if width is not None and d_in is not None and int(d_in) != width:
+        raise MmsaeError(f"{name} has input width d_in={d_in} but {wanted} of {adapter.model_id} has width {width}; use an SAE trained on this model")
+    return wanted
+
+
+def check_store_site(sae, store_site: str | None, name: str = "the SAE", store: str = "the store") -> None:
+    """Without a model: refuse (one line) an SAE whose recorded site is not ``store_site``.
+
+    Both are read by :func:`parse_site`; a module path, which only a model can place
+    (``check_sae_site``), is not compared.
+    """
+    recorded = recorded_site(sae)
+    if recorded is None or store_site is None:
+        return
+    trained, stored = parse_site(recorded), parse_site(store_site)
+    if "module" not in (trained.kind, stored.kind) and trained != stored:
+        raise MmsaeError(f"{name} was trained at {trained} but {store} holds {stored}; use the SAE and store of one site")

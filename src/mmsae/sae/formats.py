@@ -47,7 +47,7 @@ def save_sae(sae: SparseAutoencoder, path, layout: Literal["sparsify", "saelens"
     folder = ensure_dir(path)
     state = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in sae.state_dict().items()}
     mmsae_keys = {"architecture": cfg.architecture, "model": cfg.model, "layer": cfg.layer,
-                  "hook_point": cfg.hook_point, "input_scale": cfg.input_scale, "matryoshka_groups": cfg.matryoshka_groups,
+                  "hook_point": cfg.hook_point, "site": cfg.site, "input_scale": cfg.input_scale, "matryoshka_groups": cfg.matryoshka_groups,
                   "token_exclusion": cfg.token_exclusion}
     if layout == "sparsify":
         save_tensors(folder / SPARSIFY_WEIGHTS, state)
@@ -105,7 +105,7 @@ def _load_sparsify(folder: Path, cfg: dict) -> SparseAutoencoder:
     sae_cfg = SaeConfig(
         d_in=d, num_latents=n, k=int(cfg.get("k", 32)),
         architecture=cfg.get("architecture", "topk"), normalize_decoder=bool(cfg.get("normalize_decoder", True)),
-        model=cfg.get("model"), layer=cfg.get("layer"), hook_point=cfg.get("hook_point"),
+        model=cfg.get("model"), layer=cfg.get("layer"), hook_point=cfg.get("hook_point"), site=cfg.get("site"),
         input_scale=float(cfg.get("input_scale", 1.0)), matryoshka_groups=cfg.get("matryoshka_groups"),
         token_exclusion=cfg.get("token_exclusion"))
     return _with_weights(sae_cfg, tensors, weights)
@@ -170,7 +170,7 @@ def _load_saelens(folder: Path, cfg: dict) -> SparseAutoencoder:
         d_in=d, num_latents=n, k=int(k or 32), architecture=ours,
         model=mmsae_keys.get("model") or meta.get("model_name") or cfg.get("model_name"),
         layer=layer if layer is not None else _saelens_layer(hook_name),
-        hook_point=mmsae_keys.get("hook_point") or hook_name,
+        hook_point=mmsae_keys.get("hook_point") or hook_name, site=mmsae_keys.get("site"),
         input_scale=float(mmsae_keys.get("input_scale", 1.0)), matryoshka_groups=mmsae_keys.get("matryoshka_groups"),
         token_exclusion=mmsae_keys.get("token_exclusion"))
     tensors.update({"encoder.weight": w_enc.t().contiguous(), "encoder.bias": b_enc, "b_dec": b_dec})

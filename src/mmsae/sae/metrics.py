@@ -30,6 +30,7 @@ from ..config import check_config
 from ..errors import MmsaeError
 from ..exclusion import TokenExclusion, sequence_keep
 from ..io import check_own_file, write_json
+from ..models.sites import check_store_site
 from ..runtime import out_of_memory_guard, resolve_device
 from .formats import load_sae
 from .model import SparseAutoencoder
@@ -147,6 +148,7 @@ def _store_reconstruction(sae: SparseAutoencoder, cfg: EvaluateConfig, device: t
     from ..activations import ActivationStore
 
     store = ActivationStore(cfg.activations)
+    check_store_site(sae, store.cfg["site"], f"SAE {cfg.sae}", f"store {cfg.activations}")
     if store.d != sae.cfg.d_in:
         raise MmsaeError(f"store {cfg.activations} has width {store.d} but the SAE expects d_in={sae.cfg.d_in}; use the matching SAE or store")
     stats = _ReconByKind(sae.cfg.d_in, sae.cfg.num_latents, rule)
@@ -183,15 +185,10 @@ def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.de
     from ..data.sources import DEFAULT_PROMPT, open_source
     from ..hooks import edit
     from ..models import load_adapter
+    from ..steer import resolve_layer
 
     adapter = load_adapter(cfg.model, device=str(device))
-    layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
-    if layer is None:
-        raise MmsaeError("the SAE does not record its layer; pass --layer")
-    if not 0 <= layer < adapter.num_layers:
-        raise MmsaeError(f"--layer {layer} is out of range: {cfg.model} has {adapter.num_layers} layers")
-    if adapter.hidden_size != sae.cfg.d_in:
-        raise MmsaeError(f"{cfg.model} layer {layer} has width {adapter.hidden_size} but the SAE expects d_in={sae.cfg.d_in}")
+    layer = resolve_layer(adapter, sae, cfg.layer)
     module = adapter.layer_module(layer)
     source = open_source(cfg.data, prompt=cfg.prompt or DEFAULT_PROMPT)
     recon_stats = _ReconByKind(sae.cfg.d_in, sae.cfg.num_latents, rule)

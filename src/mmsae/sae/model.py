@@ -47,6 +47,9 @@ class SaeConfig:
     model: str | None = None
     layer: int | None = None
     hook_point: str | None = None
+    # the site the SAE was trained at (mmsae.models.sites: "lm:L", "vision:L", ...); None in
+    # SAEs saved before sites were recorded (their hook_point / layer say it)
+    site: str | None = None
     # the scale that training multiplied inputs by (already folded into the weights; a record)
     input_scale: float = 1.0
     # Matryoshka: sizes of the nested latent groups (summing to num_latents), or None. Training

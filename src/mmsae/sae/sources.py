@@ -23,6 +23,7 @@ class ActivationSource:
     model: str | None = None
     layer: int | None = None
     hook_point: str | None = None
+    site: str | None = None  # the site the activations come from ("lm:L", "vision:L", ...)
     # the tokens left out of what this source yields (at harvest and here): recorded in the SAE cfg
     exclusion: TokenExclusion = TokenExclusion()
 
@@ -96,6 +97,7 @@ class StoreSource(ActivationSource):
         cfg = self.store.cfg
         self.exclusion = exclude.union(TokenExclusion.from_dict(cfg["harvest"]))
         self.model, self.layer, self.hook_point = cfg.get("model"), cfg.get("layer"), cfg.get("hook_point")
+        self.site = cfg.get("site")
 
     def batches(self, local_batch, seed, rank, world, skip=0):
         return self.store.batches(local_batch, shuffle=True, seed=seed, rank=rank, world=world, epochs=None,
@@ -123,11 +125,10 @@ class LiveSource(ActivationSource):
         from ..models import load_adapter
 
         self.adapter = load_adapter(model, device=device)
-        if not 0 <= layer < self.adapter.num_layers:
-            raise MmsaeError(f"--layer {layer} is out of range: {model} has {self.adapter.num_layers} layers")
+        self.site = str(self.adapter.resolve_site(layer))
         self.data = open_source(data, prompt=prompt or DEFAULT_PROMPT)
         self.data_spec = data
-        self.d = self.adapter.hidden_size
+        self.d = self.adapter.site_width(self.site)
         self.model, self.layer, self.hook_point = model, layer, self.adapter.hook_point(layer)
         self.capacity, self.model_batch, self.max_samples = capacity, model_batch, max_samples
         self.exclusion = exclude

@@ -329,7 +329,7 @@ def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = Non
     if cfg.k > n_latents:
         raise MmsaeError(f"--k {cfg.k} is larger than the number of latents ({n_latents}); lower --k or raise --expansion")
     sae_cfg = SaeConfig(d_in=d, num_latents=n_latents, k=cfg.k, expansion_factor=cfg.expansion, architecture=cfg.architecture,
-                        model=source.model, layer=source.layer, hook_point=source.hook_point,
+                        model=source.model, layer=source.layer, hook_point=source.hook_point, site=source.site,
                         matryoshka_groups=matryoshka_group_sizes(cfg, n_latents),
                         token_exclusion=source.exclusion.to_dict() if source.exclusion else None)
     if cfg.steps is not None:
