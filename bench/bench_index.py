@@ -18,6 +18,7 @@ SAE, renders shapes-world images, and measures, interleaved ``--repeats`` times 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -64,6 +65,7 @@ def main() -> None:
     p.add_argument("--d", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", help="also write the results here (bench/gpu_scale.py reads them)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
@@ -113,6 +115,11 @@ def main() -> None:
         print(f"  shapes rendering   : {n / render_s:8.2f} images/s")
         print(f"  build_index        : {n / x:8.2f} images/s   ({x / b:.2f}x the bare time; "
               f"{(x - b - render_s) / x * 100:.0f}% of it bookkeeping beyond forward and rendering)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "args": vars(args), "images": n, "image_tokens_per_image": n_tokens, "bare_seconds": bare_s,
+                "index_seconds": index_s, "render_seconds": render_s, "bare_images_per_s": n / b,
+                "render_images_per_s": n / render_s, "index_images_per_s": n / x, "index_vs_bare": x / b}, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

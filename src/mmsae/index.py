@@ -5,12 +5,17 @@ per feature and with memory bounded by features x N:
 
 - the top N images by an image score (the max or the mean of the feature over the image's
   patches), each with the full per-patch activation map (every tile, AnyRes crops included);
-- a uniform random sample (reservoir) of the images where the feature fires, with their maps,
-  spanning the feature's activation quantiles, for scoring and detection later;
+- a uniform random sample of the images where the feature fires (those with the smallest
+  :func:`random_key`), with their maps, spanning the feature's activation quantiles, for scoring
+  and detection later;
 - firing frequency (patches, images, text tokens), maximum, a log-binned histogram of the
   non-zero patch activations and quantiles over all image patches (Network Dissection's
   threshold is the 0.995 quantile);
 - the top text tokens with their context.
+
+The lists and statistics are kept on the SAE's device, updated from the sparse codes; only the
+patch maps of the images that enter a list go to the host. Under ``torchrun`` each rank indexes
+the samples whose id % world == rank and rank 0 merges the ranks' states into the same index.
 
 The folder it writes (``RUN/index/``) is read back by :class:`FeatureIndex`; :class:`IndexWriter`
 builds the same folder from examples given by hand (for tests and other tools).
@@ -26,7 +31,9 @@ Layout of the folder::
     tokens.json            per feature: top text tokens with context
     images/                copies of the referenced images (PNG)
     .mmsae-images          the copies this index wrote, one a line: clean-up deletes only these
-    checkpoint.safetensors the state of an unfinished build (removed when it completes)
+    checkpoint.safetensors the state of an unfinished build (removed when it completes); under
+                           torchrun one per rank, checkpoint-R-of-W.safetensors, and each rank
+                           records its image copies in .mmsae-images-R until rank 0 merges them
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from .config import check_config
 from .errors import MmsaeError
 from .io import claim_dir, ensure_dir, json_format, no_space_guard, read_json, save_tensors, write_json, write_text
 from .models.base import Tile, TokenLayout, image_heatmap
+from .runtime import check_dtype, init_distributed, out_of_memory_guard, resolve_device
 
 FORMAT = "mmsae-index"
 VERSION = 1
@@ -108,55 +116,69 @@ def index_fingerprint(manifest: dict, top_sample: torch.Tensor | np.ndarray) -> 
 
 
 class ActivationStats:
-    """Per-feature counters over a dataset, updated from sparse codes (values, indices)."""
+    """Per-feature counters over a dataset, updated from sparse codes (values, indices).
 
-    def __init__(self, num_latents: int):
+    The counters live on ``device`` (where the codes are); ``state()`` gives them on the CPU.
+    """
+
+    def __init__(self, num_latents: int, device: str | torch.device = "cpu"):
         self.num_latents = num_latents
         self.n_patches = 0
         self.n_images = 0
         self.n_text = 0
-        self.fired_patches = torch.zeros(num_latents, dtype=torch.int64)
-        self.fired_images = torch.zeros(num_latents, dtype=torch.int64)
-        self.fired_text = torch.zeros(num_latents, dtype=torch.int64)
-        self.sum_patches = torch.zeros(num_latents, dtype=torch.float64)
-        self.max_patches = torch.zeros(num_latents, dtype=torch.float32)
-        self.hist = torch.zeros(num_latents, HIST_BINS, dtype=torch.int64)
+        self.fired_patches = torch.zeros(num_latents, dtype=torch.int64, device=device)
+        self.fired_images = torch.zeros(num_latents, dtype=torch.int64, device=device)
+        self.fired_text = torch.zeros(num_latents, dtype=torch.int64, device=device)
+        self.sum_patches = torch.zeros(num_latents, dtype=torch.float64, device=device)
+        self.max_patches = torch.zeros(num_latents, dtype=torch.float32, device=device)
+        self.hist = torch.zeros(num_latents, HIST_BINS, dtype=torch.int64, device=device)
 
     def update_patches(self, values: torch.Tensor, indices: torch.Tensor) -> None:
         """Image-patch codes: values/indices [T, k] (one row per patch token)."""
         self.n_patches += values.shape[0]
-        v, i = values.reshape(-1).float().cpu(), indices.reshape(-1).long().cpu()
+        device = self.hist.device
+        v, i = values.reshape(-1).float().to(device), indices.reshape(-1).long().to(device)
+        # codes that did not fire count 0 and add 0 (no boolean mask: it would wait for the GPU)
         fired = v > 0
-        v, i = v[fired], i[fired]
-        self.fired_patches.index_add_(0, i, torch.ones_like(i))
+        v, ones = torch.where(fired, v, 0.0), fired.long()
+        self.fired_patches.index_add_(0, i, ones)
         self.sum_patches.index_add_(0, i, v.double())
         self.max_patches.scatter_reduce_(0, i, v, reduce="amax")
-        flat = i * HIST_BINS + _hist_bin(v)
-        self.hist.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        self.hist.view(-1).index_add_(0, i * HIST_BINS + _hist_bin(v), ones)
 
     def update_images(self, scores: torch.Tensor) -> None:
         """Image scores [B, F] (dense)."""
         self.n_images += scores.shape[0]
-        self.fired_images += (scores > 0).sum(0).cpu()
+        self.fired_images += (scores > 0).sum(0).to(self.fired_images.device)
 
     def update_text(self, values: torch.Tensor, indices: torch.Tensor) -> None:
         self.n_text += values.shape[0]
-        v, i = values.reshape(-1).cpu(), indices.reshape(-1).long().cpu()
-        i = i[v > 0]
-        self.fired_text.index_add_(0, i, torch.ones_like(i))
+        device = self.fired_text.device
+        v, i = values.reshape(-1).to(device), indices.reshape(-1).long().to(device)
+        self.fired_text.index_add_(0, i, (v > 0).long())
+
+    def merge(self, other: ActivationStats) -> None:
+        """Add the counters of ``other`` (another rank's share of the data): counts and sums add, maxima max."""
+        self.n_patches += other.n_patches
+        self.n_images += other.n_images
+        self.n_text += other.n_text
+        for name in ("fired_patches", "fired_images", "fired_text", "sum_patches", "hist"):
+            getattr(self, name).add_(getattr(other, name).to(self.hist.device))
+        torch.maximum(self.max_patches, other.max_patches.to(self.hist.device), out=self.max_patches)
 
     def state(self) -> dict[str, torch.Tensor]:
+        """The counters as CPU tensors (what ``stats.safetensors`` and checkpoints hold)."""
         counts = torch.tensor([self.n_patches, self.n_images, self.n_text], dtype=torch.int64)
-        return {"stats_counts": counts, "fired_patches": self.fired_patches, "fired_images": self.fired_images,
-                "fired_text": self.fired_text, "sum_patches": self.sum_patches, "max_patches": self.max_patches,
-                "hist": self.hist}
+        return {"stats_counts": counts, "fired_patches": self.fired_patches.cpu(), "fired_images": self.fired_images.cpu(),
+                "fired_text": self.fired_text.cpu(), "sum_patches": self.sum_patches.cpu(),
+                "max_patches": self.max_patches.cpu(), "hist": self.hist.cpu()}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor]) -> ActivationStats:
-        s = cls(tensors["fired_patches"].shape[0])
+    def from_state(cls, tensors: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> ActivationStats:
+        s = cls(tensors["fired_patches"].shape[0], device="meta")  # (no memory: every counter is set below)
         s.n_patches, s.n_images, s.n_text = (int(x) for x in tensors["stats_counts"])
         for name in ("fired_patches", "fired_images", "fired_text", "sum_patches", "max_patches", "hist"):
-            setattr(s, name, tensors[name].clone())
+            setattr(s, name, tensors[name].to(device, copy=True))
         return s
 
 
@@ -455,14 +477,22 @@ def _image_file(sample_id: int) -> str:
     return f"images/{sample_id:09d}.png"
 
 
-def _written_images(out: Path) -> set[str]:
-    """The image copies this index recorded writing (its clean-up may delete these and no others)."""
-    path = out / IMAGES_WRITTEN
-    return set(path.read_text(encoding="utf-8").split()) if path.exists() else set()
+def _image_records(out: Path) -> list[Path]:
+    """The records of image copies: ``.mmsae-images`` and, while ranks under torchrun work, each rank's
+    ``.mmsae-images-R`` (rank 0 folds them into the first when it writes the folder)."""
+    ranks = sorted(p for p in out.glob(f"{IMAGES_WRITTEN}-*") if p.name[len(IMAGES_WRITTEN) + 1:].isdigit())
+    return [p for p in [out / IMAGES_WRITTEN, *ranks] if p.exists()]
 
 
-def _save_image(out: Path, sample_id: int, image: Image.Image, written: set[str]) -> str:
-    """Copy a sample's image into ``images/``; the copy is recorded in ``.mmsae-images`` first."""
+def _written_images(out: Path, rank: int = 0, world: int = 1) -> set[str]:
+    """The image copies this index recorded writing (its clean-up may delete these and no others);
+    with ``world`` ranks, those of rank ``rank``'s samples (id % world == rank), whichever record holds them."""
+    written = set().union(*(p.read_text(encoding="utf-8").split() for p in _image_records(out)))
+    return {rel for rel in written if world == 1 or int(Path(rel).stem) % world == rank}
+
+
+def _save_image(out: Path, sample_id: int, image: Image.Image, written: set[str], record: str = IMAGES_WRITTEN) -> str:
+    """Copy a sample's image into ``images/``; the copy is recorded in ``record`` (``.mmsae-images``) first."""
     rel = _image_file(sample_id)
     path = out / rel
     if path.exists():
@@ -471,7 +501,7 @@ def _save_image(out: Path, sample_id: int, image: Image.Image, written: set[str]
         raise MmsaeError(f"{path} exists and was not written by mmsae index; choose a new --out")
     ensure_dir(path.parent)
     # recorded before it is written: a crash in between leaves a record of a missing file, never an unrecorded copy
-    with open(out / IMAGES_WRITTEN, "a", encoding="utf-8") as f:
+    with open(out / record, "a", encoding="utf-8") as f:
         f.write(rel + "\n")
     written.add(rel)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -620,128 +650,273 @@ class IndexConfig:
 
 
 AFTER_TOKENS = 3  # text tokens of context kept after each top token
+NO_KEY = torch.iinfo(torch.int64).max  # the random-example key of an empty slot (above every real key)
+_M31 = (1 << 31) - 1
+
+
+def _mix31(x: torch.Tensor, salt: torch.Tensor | int) -> torch.Tensor:
+    """Scramble int64 values in [0, 2**31) with ``salt`` (multiply, fold the high bits down, twice).
+
+    Every product stays below 2**62, so no step overflows and every device gives the same result."""
+    x = (x ^ salt) * 0x5BD1E995
+    x = (x ^ (x >> 31)) & _M31
+    x = x * 0x6A09E667
+    return (x ^ (x >> 29)) & _M31
+
+
+def random_key(seed: int, feature: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """The key that picks a feature's random examples: each feature keeps its activating images with
+    the smallest keys, a uniform random sample of them.
+
+    A pseudo-random permutation of the sample ids (a four-round Feistel network on 62 bits, its round
+    keys drawn from the seed and the feature): different for every feature, never equal for two
+    samples of one feature, and a function of (seed, feature, sample id) alone, so the same images
+    are picked whatever order, batches or processes saw them. ``feature`` and ``sample`` broadcast.
+    """
+    feature, sample = feature.long() & _M31, sample.long()
+    left, right = sample >> 31, sample & _M31
+    for r in range(4):
+        salt = int.from_bytes(hashlib.blake2b(f"{seed}:{r}".encode(), digest_size=4).digest(), "little") & _M31
+        left, right = right, left ^ _mix31(right, _mix31(feature, salt))
+    return (left << 31) | right
+
+
+def _ranked(score: torch.Tensor, *ties: torch.Tensor) -> torch.Tensor:
+    """Per row, the column order by ``score`` descending, then by each of ``ties`` ascending.
+
+    One order whichever way the candidates arrived, so lists merged in any grouping (batches,
+    checkpoints, ranks) come out the same."""
+    order = None
+    for key in (*reversed(ties), -score):  # stable sorts: the last one decides first
+        if order is None:
+            order = key.sort(dim=-1, stable=True).indices
+        else:
+            order = order.gather(-1, key.gather(-1, order).sort(dim=-1, stable=True).indices)
+    return order
 
 
 class IndexState:
-    """Everything ``build_index`` accumulates; bounded by features x (top_n + random_n)."""
+    """Everything ``build_index`` accumulates; bounded by features x (top_n + random_n).
+
+    The lists and the statistics live on ``device`` (the SAE's, where the codes are); only the
+    patch maps, records and layouts of the kept examples are copied to the host. States built from
+    disjoint samples (the ranks under torchrun) ``merge`` into the state of their union.
+    """
 
     def __init__(self, num_latents: int, top_n: int, random_n: int, top_tokens: int, context_tokens: int,
-                 image_score: str, seed: int):
+                 image_score: str, seed: int, device: str | torch.device = "cpu"):
         F = num_latents
         self.F, self.N, self.K, self.M = F, top_n, random_n, top_tokens
         self.C, self.W = context_tokens, context_tokens + 1 + AFTER_TOKENS
         self.image_score = image_score
-        self.top_sample = torch.full((F, top_n), -1, dtype=torch.int64)
-        self.top_score = torch.zeros(F, top_n)
-        self.rand_sample = torch.full((F, random_n), -1, dtype=torch.int64)
-        self.rand_score = torch.zeros(F, random_n)
-        self.rand_seen = torch.zeros(F, dtype=torch.int64)
-        self.tok_act = torch.zeros(F, top_tokens)
-        self.tok_sample = torch.full((F, top_tokens), -1, dtype=torch.int64)
-        self.tok_pos = torch.full((F, top_tokens), -1, dtype=torch.int64)
-        self.tok_ctx = torch.full((F, top_tokens, self.W), -1, dtype=torch.int32)
-        self.stats = ActivationStats(F)
+        self.seed = seed
+        self.device = torch.device(device)
+        self.top_sample = torch.full((F, top_n), -1, dtype=torch.int64, device=device)
+        self.top_score = torch.zeros(F, top_n, device=device)
+        self.rand_sample = torch.full((F, random_n), -1, dtype=torch.int64, device=device)
+        self.rand_score = torch.zeros(F, random_n, device=device)
+        self.rand_key = torch.full((F, random_n), NO_KEY, dtype=torch.int64, device=device)  # ascending
+        self.tok_act = torch.zeros(F, top_tokens, device=device)
+        self.tok_sample = torch.full((F, top_tokens), -1, dtype=torch.int64, device=device)
+        self.tok_pos = torch.full((F, top_tokens), -1, dtype=torch.int64, device=device)
+        self.tok_ctx = torch.full((F, top_tokens, self.W), -1, dtype=torch.int32, device=device)
+        self.stats = ActivationStats(F, device)
         self.maps: dict[int, np.ndarray] = {}
         self.samples: dict[int, dict] = {}
         self.layouts: dict[int, TokenLayout] = {}
         self.next_id = 0
         self.skipped = 0
-        self.generator = torch.Generator().manual_seed(seed)
+
+    _LISTS = ("top_sample", "top_score", "rand_sample", "rand_score", "rand_key", "tok_act", "tok_sample", "tok_pos", "tok_ctx")
+
+    def to(self, device: str | torch.device) -> IndexState:
+        """Move the lists and the statistics to ``device`` (in place); returns self."""
+        self.device = torch.device(device)
+        for name in self._LISTS:
+            setattr(self, name, getattr(self, name).to(device))
+        self.stats = ActivationStats.from_state(self.stats.state(), device)
+        return self
 
     # --- per batch -----------------------------------------------------------------------------
-    def image_scores(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Dense [F] score of one image from its patch codes [P, k]."""
-        v, i = values.reshape(-1).float().clamp_min(0), indices.reshape(-1).long()
+    def image_scores(self, values: torch.Tensor, indices: torch.Tensor, image: torch.Tensor,
+                     sizes: torch.Tensor) -> torch.Tensor:
+        """Dense [B, F] scores of B images from their patch codes [P, k] (``image`` [P]: the image of
+        each row, ``sizes`` [B]: the patches of each image)."""
+        B = sizes.numel()
+        v = values.reshape(-1).float().clamp_min(0)
+        flat = (image[:, None] * self.F + indices.long()).reshape(-1)
+        scores = torch.zeros(B * self.F, device=v.device)
         if self.image_score == "max":
-            return torch.zeros(self.F).scatter_reduce_(0, i, v, reduce="amax")
-        return torch.zeros(self.F).index_add_(0, i, v) / max(values.shape[0], 1)
+            return scores.scatter_reduce_(0, flat, v, reduce="amax").view(B, self.F)
+        return scores.index_add_(0, flat, v).view(B, self.F) / sizes.clamp_min(1)[:, None]
 
-    def add_images(self, sample_ids: list[int], codes: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
-        """Merge a batch of images (patch codes [P, k] each) into the top lists and the reservoir.
+    def add_images(self, sample_ids: list[int], codes: list[tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
+        """Merge a batch of images (patch codes [P, k] each) into the statistics, the top lists and
+        the random examples, and keep the patch maps of every (feature, image) that entered a list.
+        ``sample_ids`` ascend and lie above every id added before (one build streams in id order;
+        states built otherwise combine with ``merge``).
 
-        Returns, per batch position, the features whose map must be kept for that image.
+        Returns the batch positions of the images that entered some list (their samples must be recorded).
         """
         if not codes:
-            return {}
-        for v, i in codes:
-            self.stats.update_patches(v, i)
-        scores = torch.stack([self.image_scores(v, i) for v, i in codes])  # [B, F]
+            return []
+        dev = self.device
+        values = torch.cat([v for v, _ in codes]).to(dev).float()
+        indices = torch.cat([i for _, i in codes]).to(dev).long()
+        sizes = [v.shape[0] for v, _ in codes]
+        size_t = torch.tensor(sizes, device=dev)
+        image = torch.repeat_interleave(torch.arange(len(codes), device=dev), size_t, output_size=sum(sizes))
+        self.stats.update_patches(values, indices)
+        scores = self.image_scores(values, indices, image, size_t)  # [B, F]
         self.stats.update_images(scores)
-        B = scores.shape[0]
-        sids = torch.tensor(sample_ids, dtype=torch.int64)
-        # top N: old lists and the batch compete; empty slots and zero scores never win
-        cand_score = torch.cat([self.top_score, scores.T], 1)
-        cand_sample = torch.cat([self.top_sample, sids.expand(self.F, B)], 1)
-        cand_score = torch.where((cand_sample >= 0) & (cand_score > 0), cand_score, torch.full_like(cand_score, -math.inf))
-        best, pos = cand_score.topk(self.N, dim=1)
-        empty = torch.isinf(best)
-        self.top_sample = torch.where(empty, -1, cand_sample.gather(1, pos))
-        self.top_score = torch.where(empty, 0.0, best)
-        new_f, new_slot = torch.nonzero((pos >= self.N) & ~empty, as_tuple=True)
-        wanted: dict[int, list[torch.Tensor]] = {}
-        for b in range(B):
-            wanted.setdefault(b, []).append(new_f[pos[new_f, new_slot] - self.N == b])
-        # reservoir of activating images (Algorithm R per feature), one image at a time
-        for b in range(B):
-            fired = torch.nonzero(scores[b] > 0, as_tuple=True)[0]
-            if fired.numel() == 0:
-                continue
-            self.rand_seen[fired] += 1
-            seen = self.rand_seen[fired]
-            draw = (torch.rand(fired.numel(), generator=self.generator, dtype=torch.float64) * seen).long()
-            slot = torch.where(seen <= self.K, seen - 1, draw)
-            take = slot < self.K
-            f_take, s_take = fired[take], slot[take]
-            self.rand_sample[f_take, s_take] = sids[b]
-            self.rand_score[f_take, s_take] = scores[b, f_take]
-            wanted[b].append(f_take)
-        return {b: torch.unique(torch.cat(w)) for b, w in wanted.items()}
+        feats = torch.nonzero((scores > 0).any(0), as_tuple=True)[0]  # the lists of no other feature change
+        if feats.numel() == 0:
+            return []
+        score = scores[:, feats].T  # [G, B]
+        sids = torch.tensor(sample_ids, dtype=torch.int64, device=dev).expand_as(score)
+        entered = torch.zeros_like(score, dtype=torch.bool)
+        # only features where an image beats the last kept one merge: the batch's ids are above every
+        # kept id (one build sees its samples in id order), so a tied score loses
+        bar = torch.where(self.top_sample[feats, -1] >= 0, self.top_score[feats, -1], 0.0)
+        g = torch.nonzero((score > bar[:, None]).any(1), as_tuple=True)[0]
+        entered[g] = self._merge_top(feats[g], score[g], sids[g], in_id_order=True)
+        key = torch.where(score > 0, random_key(self.seed, feats[:, None], sids), NO_KEY)
+        g = torch.nonzero((key < self.rand_key[feats, -1:]).any(1), as_tuple=True)[0]
+        entered[g] |= self._merge_random(feats[g], key[g], score[g], sids[g])
+        b, g = torch.nonzero(entered.T, as_tuple=True)  # by image, then feature
+        self._keep_maps(values, indices, image, sizes, sample_ids, b, feats[g])
+        return b.unique().tolist()
 
-    def keep_maps(self, sample_id: int, values: torch.Tensor, indices: torch.Tensor, features: torch.Tensor) -> None:
-        """Store the patch maps [P] of ``features`` on one image from its codes [P, k]."""
-        if features.numel() == 0:
+    def _merge_top(self, rows: torch.Tensor, score: torch.Tensor, sample: torch.Tensor, in_id_order: bool = False) -> torch.Tensor:
+        """Merge candidates (score, sample) [G, X] into the top lists of features ``rows`` [G]: best
+        score first, ties to the lower sample id; empty slots and zero scores never win.
+        ``in_id_order``: the candidates' ids ascend and lie above every kept id (a stream in id order),
+        so ties are already in id order. Returns which candidates entered [G, X]."""
+        cand_score = torch.cat([self.top_score[rows], score], 1)
+        cand_sample = torch.cat([self.top_sample[rows], sample], 1)
+        cand_score = torch.where((cand_sample >= 0) & (cand_score > 0), cand_score, -math.inf)
+        order = (_ranked(cand_score) if in_id_order else _ranked(cand_score, cand_sample))[:, : self.N]
+        best = cand_score.gather(1, order)
+        empty = torch.isinf(best)
+        self.top_sample[rows] = torch.where(empty, -1, cand_sample.gather(1, order))
+        self.top_score[rows] = torch.where(empty, 0.0, best)
+        return torch.zeros_like(cand_score, dtype=torch.bool).scatter_(1, order, ~empty)[:, self.N:]
+
+    def _merge_random(self, rows: torch.Tensor, key: torch.Tensor, score: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Merge candidates (``random_key`` or NO_KEY, score, sample) [G, X] into the random examples of
+        features ``rows``: the K smallest keys stay. Returns which candidates entered [G, X]."""
+        cand_key = torch.cat([self.rand_key[rows], key], 1)
+        order = cand_key.sort(dim=1).indices[:, : self.K]  # (keys of one feature never tie)
+        kept = cand_key.gather(1, order)
+        empty = kept == NO_KEY
+        self.rand_key[rows] = kept
+        self.rand_sample[rows] = torch.where(empty, -1, torch.cat([self.rand_sample[rows], sample], 1).gather(1, order))
+        self.rand_score[rows] = torch.where(empty, 0.0, torch.cat([self.rand_score[rows], score], 1).gather(1, order))
+        return torch.zeros_like(cand_key, dtype=torch.bool).scatter_(1, order, ~empty)[:, self.K:]
+
+    def _keep_maps(self, values: torch.Tensor, indices: torch.Tensor, image: torch.Tensor, sizes: list[int],
+                   sample_ids: list[int], image_of: torch.Tensor, feature: torch.Tensor) -> None:
+        """Copy to the host the patch maps [P] of the (image, feature) pairs given, from the batch's
+        codes [R, k] (``image`` [R]: each row's position in the batch)."""
+        if feature.numel() == 0:
             return
-        P, k = values.shape
-        row_of = torch.full((self.F,), -1, dtype=torch.long)
-        row_of[features] = torch.arange(features.numel())
-        rows = row_of[indices.long()]  # [P, k]
-        ok = rows >= 0
-        patch = torch.arange(P)[:, None].expand(P, k)
-        maps = torch.zeros(features.numel(), P)
-        maps[rows[ok], patch[ok]] = values[ok].float()
-        maps_np = maps.numpy()
-        for r, f in enumerate(features.tolist()):
-            self.maps[f * KEY_SHIFT + sample_id] = maps_np[r].copy()
+        dev, P = values.device, max(sizes)
+        start = torch.tensor(np.cumsum([0, *sizes[:-1]]), device=dev)
+        patch = (torch.arange(values.shape[0], device=dev) - start[image])[:, None].expand_as(indices)
+        row_of = torch.full((len(sizes), self.F), -1, dtype=torch.long, device=dev)
+        keys = (feature.cpu() * KEY_SHIFT + torch.tensor(sample_ids)[image_of.cpu()]).tolist()
+        ends = np.cumsum(torch.bincount(image_of, minlength=len(sizes)).tolist())  # the pairs come by image
+        chunk = max(1, 2**24 // P)  # maps copied at once: bounds the device memory they take
+        for lo in range(0, len(keys), chunk):
+            b, f = image_of[lo: lo + chunk], feature[lo: lo + chunk]
+            row_of[b, f] = torch.arange(b.numel(), device=dev)
+            rows = row_of[image[:, None], indices]  # [R, k]: the map each code belongs to, -1 for none
+            maps = torch.zeros(b.numel() + 1, P, device=dev)
+            maps[torch.where(rows >= 0, rows, b.numel()), patch] = values  # (codes of no map go to a spare row)
+            row_of[b, f] = -1
+            maps_np = maps.cpu().numpy()
+            hi = lo + b.numel()
+            for image_b, (first, last) in enumerate(zip([0, *ends[:-1]], ends)):
+                first, last = max(first, lo), min(last, hi)
+                if first < last:  # this image's maps, each copied out of the block
+                    rows_np = maps_np[first - lo: last - lo, : sizes[image_b]]
+                    self.maps.update(zip(keys[first:last], map(np.ndarray.copy, rows_np)))
 
     def add_text(self, sample_id: torch.Tensor, position: torch.Tensor, context: torch.Tensor,
                  values: torch.Tensor, indices: torch.Tensor) -> None:
-        """Merge text-token codes [T, k] (with each token's sample, position and context ids [T, W])."""
+        """Merge text-token codes [T, k] (with each token's sample, position and context ids [T, W]);
+        the samples lie above every sample added before, the tokens come in (sample, position) order."""
         if values.shape[0] == 0:
             return
         self.stats.update_text(values, indices)
+        dev = self.device
         T, k = values.shape
-        v, f = values.reshape(-1).float(), indices.reshape(-1).long()
-        t = torch.arange(T).repeat_interleave(k)
-        thresh = torch.where(self.tok_sample[:, -1] >= 0, self.tok_act[:, -1], torch.zeros(()))
+        v, f = values.reshape(-1).float().to(dev), indices.reshape(-1).long().to(dev)
+        t = torch.arange(T, device=dev).repeat_interleave(k)
+        # a token must beat the feature's last kept one: a tie goes to the lower sample id, and one
+        # build sees its samples in id order
+        thresh = torch.where(self.tok_sample[:, -1] >= 0, self.tok_act[:, -1], 0.0)
         keep = v > thresh[f]
-        if not keep.any():
-            return
         v, f, t = v[keep], f[keep], t[keep]
-        feats, rows = torch.unique(f, return_inverse=True)
-        cand = torch.full((feats.numel(), T), -math.inf)
-        cand[rows, t] = v
-        old = torch.where(self.tok_sample[feats] >= 0, self.tok_act[feats], torch.full_like(self.tok_act[feats], -math.inf))
-        best, pos = torch.cat([old, cand], 1).topk(self.M, dim=1)
-        from_old = pos < self.M
+        if f.numel() == 0:
+            return
+        sample, pos = sample_id.to(dev)[t], position.to(dev)[t]
+        # the (feature, token) codes by feature, then best first (ties stay in token order): the first M
+        # of each feature are its candidates
+        order = _ranked(v)
+        order = order[f[order].sort(stable=True).indices]
+        v, f, t, sample, pos = v[order], f[order], t[order], sample[order], pos[order]
+        feats, counts = torch.unique_consecutive(f, return_counts=True)
+        row = torch.repeat_interleave(torch.arange(feats.numel(), device=dev), counts, output_size=f.numel())
+        rank = torch.arange(f.numel(), device=dev) - (counts.cumsum(0) - counts)[row]
+        top = rank < self.M
+        row, rank = row[top], rank[top]
+        G = feats.numel()
+        act = torch.full((G, self.M), -math.inf, device=dev)
+        act[row, rank] = v[top]
+        cand_sample, cand_pos, cand_t = (torch.zeros(G, self.M, dtype=torch.int64, device=dev).index_put_((row, rank), x[top])
+                                         for x in (sample, pos, t))
+        self._merge_tokens(feats, act, cand_sample, cand_pos, cand_t, context.to(dev), in_id_order=True)
+
+    def _merge_tokens(self, rows: torch.Tensor, act: torch.Tensor, sample: torch.Tensor, position: torch.Tensor,
+                      ctx_index: torch.Tensor, ctx_table: torch.Tensor, in_id_order: bool = False) -> None:
+        """Merge candidate tokens (activation, -inf for none; sample; position) [G, X] into the top
+        tokens of features ``rows``: highest activation first, ties to the lower (sample, position).
+        A candidate's context is ``ctx_table[ctx_index]`` ([W] ids). ``in_id_order``: the candidates'
+        ties are in (sample, position) order and their samples lie above every kept one."""
+        M, W = self.M, self.W
+        old_sample = self.tok_sample[rows]
+        cand_act = torch.cat([torch.where(old_sample >= 0, self.tok_act[rows], -math.inf), act], 1)
+        cand_sample = torch.cat([old_sample, sample], 1)
+        cand_pos = torch.cat([self.tok_pos[rows], position], 1)
+        order = (_ranked(cand_act) if in_id_order else _ranked(cand_act, cand_sample, cand_pos))[:, :M]
+        best = cand_act.gather(1, order)
         empty = torch.isinf(best)
-        a = torch.arange(feats.numel())[:, None].expand_as(pos)
-        old_pos = pos.clamp(max=self.M - 1)
-        new_t = (pos - self.M).clamp(min=0)
-        self.tok_sample[feats] = torch.where(empty, -1, torch.where(from_old, self.tok_sample[feats][a, old_pos], sample_id[new_t]))
-        self.tok_pos[feats] = torch.where(empty, -1, torch.where(from_old, self.tok_pos[feats][a, old_pos], position[new_t]))
-        self.tok_act[feats] = torch.where(empty, 0.0, best)
-        ctx = torch.where(from_old[..., None], self.tok_ctx[feats][a, old_pos], context[new_t])
-        self.tok_ctx[feats] = torch.where(empty[..., None], torch.full_like(ctx, -1), ctx)
+        old_ctx = self.tok_ctx[rows].gather(1, order.clamp(max=M - 1)[..., None].expand(-1, -1, W))
+        new_ctx = ctx_table[ctx_index.gather(1, (order - M).clamp(min=0))]
+        ctx = torch.where((order < M)[..., None], old_ctx, new_ctx)
+        self.tok_sample[rows] = torch.where(empty, -1, cand_sample.gather(1, order))
+        self.tok_pos[rows] = torch.where(empty, -1, cand_pos.gather(1, order))
+        self.tok_act[rows] = torch.where(empty, 0.0, best)
+        self.tok_ctx[rows] = torch.where(empty[..., None], -1, ctx)
+
+    def merge(self, other: IndexState) -> None:
+        """Fold in ``other``, a state built from other samples (another rank's share): the result is
+        the state one build over both sets of samples gives (sums of floats up to rounding)."""
+        rows = torch.arange(self.F, device=self.device)
+        o = {name: getattr(other, name).to(self.device) for name in self._LISTS}
+        self._merge_top(rows, o["top_score"], o["top_sample"])
+        self._merge_random(rows, o["rand_key"], o["rand_score"], o["rand_sample"])
+        self._merge_tokens(rows, torch.where(o["tok_sample"] >= 0, o["tok_act"], -math.inf), o["tok_sample"], o["tok_pos"],
+                           torch.arange(self.F * self.M, device=self.device).view(self.F, self.M),
+                           o["tok_ctx"].view(self.F * self.M, self.W))
+        self.stats.merge(other.stats)
+        self.maps.update(other.maps)
+        self.samples.update(other.samples)
+        self.layouts.update(other.layouts)
+        self.skipped += other.skipped
+        self.next_id = max(self.next_id, other.next_id)
+        self.prune()
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def referenced_samples(self) -> set[int]:
@@ -757,14 +932,13 @@ class IndexState:
         self.layouts = {s: lt for s, lt in self.layouts.items() if s in refs}
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The state as CPU tensors (a checkpoint; ``rand_key`` is recomputed from ``rand_sample``)."""
         keys = sorted(self.maps)
         lengths = [len(self.maps[k]) for k in keys]
         sids = sorted(self.layouts)
         lay = [self.layouts[s] for s in sids]
         return {
-            "top_sample": self.top_sample, "top_score": self.top_score, "rand_sample": self.rand_sample,
-            "rand_score": self.rand_score, "rand_seen": self.rand_seen, "tok_act": self.tok_act,
-            "tok_sample": self.tok_sample, "tok_pos": self.tok_pos, "tok_ctx": self.tok_ctx,
+            **{name: getattr(self, name).cpu() for name in self._LISTS if name != "rand_key"},
             "map_key": torch.tensor(keys, dtype=torch.int64),
             "map_len": torch.tensor(lengths, dtype=torch.int64),
             "map_values": torch.from_numpy(np.concatenate([self.maps[k] for k in keys])) if keys else torch.zeros(0),
@@ -772,7 +946,6 @@ class IndexState:
             "lay_len": torch.tensor([lt.num_image_tokens for lt in lay], dtype=torch.int64),
             **{f"lay_{name}": (torch.cat([getattr(lt, name).cpu().long() for lt in lay]) if lay else torch.zeros(0, dtype=torch.long))
                for name in ("positions", "tile", "row", "col")},
-            "rng": self.generator.get_state(),
             **self.stats.state(),
         }
 
@@ -784,6 +957,7 @@ class IndexState:
 
     @classmethod
     def load(cls, path: Path, signature: dict, **kwargs) -> IndexState:
+        """A saved state (``save``), on ``kwargs["device"]``; refused unless it was started with ``signature``."""
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
@@ -792,8 +966,15 @@ class IndexState:
         if json.loads(meta["signature"]) != signature:
             raise MmsaeError(f"{path} was started with other options or another SAE; rerun with the same options, or use another --out")
         state = cls(**kwargs)
-        for name in ("top_sample", "top_score", "rand_sample", "rand_score", "rand_seen", "tok_act", "tok_sample", "tok_pos", "tok_ctx"):
-            setattr(state, name, t[name])
+        dev = state.device
+        for name in cls._LISTS:
+            if name != "rand_key":
+                setattr(state, name, t[name].to(dev))
+        features = torch.arange(state.F, device=dev)[:, None]
+        state.rand_key = torch.where(state.rand_sample >= 0, random_key(state.seed, features, state.rand_sample.clamp_min(0)), NO_KEY)
+        # (a checkpoint of an older mmsae kept its random examples in draw order; sort them by key)
+        state.rand_key, order = state.rand_key.sort(dim=1)
+        state.rand_sample, state.rand_score = state.rand_sample.gather(1, order), state.rand_score.gather(1, order)
         offsets = np.concatenate([[0], np.cumsum(t["map_len"].numpy())])
         values = t["map_values"].numpy()
         state.maps = {int(k): values[offsets[i]: offsets[i + 1]].copy() for i, k in enumerate(t["map_key"].tolist())}
@@ -807,34 +988,31 @@ class IndexState:
                 tiles=[Tile(tuple(box), r, c) for box, r, c in rec["layout"]["tiles"]],
                 image_size=tuple(rec["layout"]["image_size"]) if rec["layout"]["image_size"] is not None else None)
             state.samples[s] = {k: v for k, v in rec.items() if k != "layout"}
-        state.generator.set_state(t["rng"])
-        state.stats = ActivationStats.from_state(t)
+        state.stats = ActivationStats.from_state(t, dev)
         state.next_id, state.skipped = int(meta["next_id"]), int(meta["skipped"])
         return state
 
     def token_rows(self, tokenizer) -> dict[int, list[dict]]:
         """Decode the top text tokens of every feature into ``{"token", "context", ...}`` rows."""
         out: dict[int, list[dict]] = {}
-        feats = torch.nonzero((self.tok_sample >= 0).any(1), as_tuple=True)[0].tolist()
-        for f in feats:
+        sample, act, pos, ctx = (t.cpu() for t in (self.tok_sample, self.tok_act, self.tok_pos, self.tok_ctx))
+        for f in torch.nonzero((sample >= 0).any(1), as_tuple=True)[0].tolist():
             rows = []
-            for j in range(self.M):
-                if self.tok_sample[f, j] < 0:
+            for sid, a, p, ids in zip(sample[f].tolist(), act[f].tolist(), pos[f].tolist(), ctx[f].tolist()):
+                if sid < 0:
                     continue
-                ids = self.tok_ctx[f, j].tolist()
                 before = tokenizer.decode([i for i in ids[: self.C] if i >= 0])
                 token = tokenizer.decode([ids[self.C]])
                 after = tokenizer.decode([i for i in ids[self.C + 1:] if i >= 0])
                 rows.append({"token": token, "context": before + token + after, "before": before, "after": after,
-                             "activation": float(self.tok_act[f, j]), "sample_id": int(self.tok_sample[f, j]),
-                             "position": int(self.tok_pos[f, j])})
+                             "activation": float(a), "sample_id": int(sid), "position": int(p)})
             out[f] = rows
         return out
 
 
-def _drop_unreferenced_images(out: Path, keep: set[str], written: set[str]) -> None:
+def _drop_unreferenced_images(out: Path, keep: set[str], written: set[str], record: str = IMAGES_WRITTEN) -> None:
     """Delete the image copies this index wrote that no example refers to any more (``keep``:
-    relative paths); nothing else in the folder is touched."""
+    relative paths) and rewrite their ``record``; nothing else in the folder is touched."""
     drop = written - keep
     if not drop:
         return
@@ -843,18 +1021,12 @@ def _drop_unreferenced_images(out: Path, keep: set[str], written: set[str]) -> N
         path.unlink(missing_ok=True)
         path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)  # what a crash mid-copy left
     written -= drop
-    write_text(out / IMAGES_WRITTEN, "".join(f"{rel}\n" for rel in sorted(written)))
+    write_text(out / record, "".join(f"{rel}\n" for rel in sorted(written)))
 
 
 def _is_index_folder(path: Path) -> bool:
     """An index folder written before output folders were marked (for ``claim_dir``)."""
     return (path / "checkpoint.safetensors").exists() or json_format(path / "manifest.json") == FORMAT
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _text_contexts(input_ids: torch.Tensor, text_positions: torch.Tensor, before: int) -> torch.Tensor:
@@ -870,7 +1042,7 @@ def encode_batch(adapter, sae, layer: int, images: list, prompts: list[str]):
     """One forward pass to ``layer`` and the SAE codes of every image and text token.
 
     Returns the built inputs and, per sequence, ((patch values, indices) [P, k], (text values,
-    indices) [T, k]).
+    indices) [T, k]), float32 values on the SAE's device (the index's bookkeeping runs there too).
     """
     from .hooks import run_until
 
@@ -882,7 +1054,7 @@ def encode_batch(adapter, sae, layer: int, images: list, prompts: list[str]):
             parts += [hidden[b, layout.positions.to(hidden.device)], hidden[b, layout.text_positions.to(hidden.device)]]
         sizes = [p.shape[0] for p in parts]
         values, indices = sae.encode_sparse(torch.cat(parts).to(sae.device))
-    values, indices = values.float().cpu(), indices.cpu()
+    values = values.float()
     codes, start = [], 0
     for n in sizes:
         codes.append((values[start:start + n], indices[start:start + n]))
@@ -890,30 +1062,53 @@ def encode_batch(adapter, sae, layer: int, images: list, prompts: list[str]):
     return inputs, [(codes[2 * b], codes[2 * b + 1]) for b in range(len(inputs.layouts))]
 
 
+def _checkpoint_name(rank: int, world: int) -> str:
+    """One process's checkpoint; under torchrun each rank has its own, named with the world size."""
+    return "checkpoint.safetensors" if world == 1 else f"checkpoint-{rank}-of-{world}.safetensors"
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
 def build_index(cfg: IndexConfig) -> FeatureIndex:
     """Stream ``cfg.data`` through the model with the SAE at ``cfg.layer`` and write the index.
 
     Resumable: rerun with the same options after an interruption and it continues from its
-    last checkpoint; a finished index with the same options is returned as it is.
+    last checkpoint; a finished index with the same options is returned as it is. Under
+    ``torchrun`` rank r indexes the samples whose id % world == r (resumable per rank, with the
+    same number of processes); rank 0 merges the ranks' states and writes the folder, the index
+    one process would write.
     """
+    device = resolve_device(cfg.device)
+    check_dtype(cfg.dtype, device)
+    rank, world = init_distributed(device, "index")  # (the group stays for the process: see init_distributed)
+    return _build_index(cfg, device, rank, world)
+
+
+def _build_index(cfg: IndexConfig, device: torch.device, rank: int, world: int) -> FeatureIndex:
     from tqdm import tqdm
 
     from .data.sources import open_source
     from .models import load_adapter
     from .sae import load_sae
 
-    device = _resolve_device(cfg.device)
     sae = load_sae(cfg.sae).to(device).eval()
     model_id = cfg.model or sae.cfg.model
     layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
     if model_id is None or layer is None:
         raise MmsaeError(f"SAE {cfg.sae} does not record its model and layer; give --model and --layer")
-    out = claim_dir(cfg.out, "index", cfg.overwrite, legacy=_is_index_folder)
-    written = _written_images(out)
-    if not _is_index_folder(out):  # a new index: none of the files it writes may be someone else's
-        taken = [name for name in INDEX_FILES if (out / name).exists()]
-        if taken:
-            raise MmsaeError(f"{out / taken[0]} exists and was not written by mmsae index; move it away or choose a new --out")
+    out = Path(cfg.out)
+    if rank == 0:  # one claim: ranks checking an empty folder at once would see each other's marker
+        out = claim_dir(cfg.out, "index", cfg.overwrite, legacy=_is_index_folder)
+        if not _is_index_folder(out):  # a new index: none of the files it writes may be someone else's
+            taken = [name for name in INDEX_FILES if (out / name).exists()]
+            if taken:
+                raise MmsaeError(f"{out / taken[0]} exists and was not written by mmsae index; move it away or choose a new --out")
+    _barrier(world)
+    record = IMAGES_WRITTEN if world == 1 else f"{IMAGES_WRITTEN}-{rank}"
+    written = _written_images(out, rank, world)
     fingerprint = sae_fingerprint(sae)
     signature = {"sae_fingerprint": fingerprint, "model": str(model_id), "layer": int(layer), "data": cfg.data,
                  "split": cfg.split, "max_samples": cfg.max_samples, "prompt": cfg.prompt, "top_n": cfg.top_n,
@@ -927,6 +1122,11 @@ def build_index(cfg: IndexConfig) -> FeatureIndex:
             return FeatureIndex(out)
         if old.get("complete"):
             raise MmsaeError(f"{out} already holds an index built with other options or another SAE; use another --out or delete it")
+    ours = {_checkpoint_name(r, world) for r in range(world)}
+    theirs = sorted(p.name for p in out.glob("checkpoint*.safetensors") if p.name not in ours)
+    if theirs:
+        raise MmsaeError(f"{out / theirs[0]} is the unfinished index of another number of processes than {world}; "
+                         "rerun with as many as before, or use another --out")
 
     adapter = load_adapter(str(model_id), dtype=cfg.dtype, device=device)
     adapter.check_layer(int(layer))
@@ -934,41 +1134,44 @@ def build_index(cfg: IndexConfig) -> FeatureIndex:
         raise MmsaeError(f"SAE {cfg.sae} expects width {sae.cfg.d_in} but layer {layer} of {model_id} has {adapter.hidden_size}")
     source = open_source(cfg.data, split=cfg.split)
     state_kwargs = dict(num_latents=sae.cfg.num_latents, top_n=cfg.top_n, random_n=cfg.random_n, top_tokens=cfg.top_tokens,
-                        context_tokens=cfg.context_tokens, image_score=cfg.image_score, seed=cfg.seed)
-    ckpt = out / "checkpoint.safetensors"
+                        context_tokens=cfg.context_tokens, image_score=cfg.image_score, seed=cfg.seed, device=device)
+    ckpt = out / _checkpoint_name(rank, world)
+    who = f"rank {rank}: " if world > 1 else ""
     if ckpt.exists():
         state = IndexState.load(ckpt, signature, **state_kwargs)
-        print(f"resuming index at sample {state.next_id} ({state.stats.n_images} images done)", flush=True)
+        print(f"{who}resuming index at sample {state.next_id} ({state.stats.n_images} images done)", flush=True)
     else:
-        state = IndexState(**state_kwargs)
+        with out_of_memory_guard("index", device, "--top-n or --random-n"):  # features x (top_n + random_n) slots
+            state = IndexState(**state_kwargs)
     total = source.num_samples if cfg.max_samples is None or source.num_samples is None else min(cfg.max_samples, source.num_samples)
+
+    def share(stop: int) -> int:  # this rank's samples below ``stop``
+        return len(range(rank, stop, world))
 
     def on_skip(sample_id: int, reason: str) -> None:
         state.skipped += 1
 
+    @out_of_memory_guard("index", device, "--batch-size or --top-n")  # the last checkpoint stays: a rerun resumes
     def run_batch(batch: list) -> None:
         images = [s.image for s in batch]
         prompts = [cfg.prompt or s.text or "Describe the image." for s in batch]
         inputs, codes = encode_batch(adapter, sae, int(layer), images, prompts)
         with_image = [b for b, lt in enumerate(inputs.layouts) if lt.num_image_tokens > 0]
-        wanted = state.add_images([batch[b].id for b in with_image], [codes[b][0] for b in with_image])
-        for j, b in enumerate(with_image):
-            feats = wanted.get(j)
-            if feats is None or feats.numel() == 0:
-                continue
+        entered = state.add_images([batch[b].id for b in with_image], [codes[b][0] for b in with_image])
+        for b in (with_image[j] for j in entered):  # images that became some feature's example: keep the sample
             sid = batch[b].id
-            state.keep_maps(sid, *codes[b][0], feats)
             if sid not in state.samples:
-                state.samples[sid] = {"meta": _jsonable(batch[b].meta), "text": prompts[b], "image": _save_image(out, sid, batch[b].image, written)}
+                state.samples[sid] = {"meta": _jsonable(batch[b].meta), "text": prompts[b],
+                                      "image": _save_image(out, sid, batch[b].image, written, record)}
                 lt = inputs.layouts[b]
                 state.layouts[sid] = TokenLayout(lt.positions.cpu(), lt.tile.cpu(), lt.row.cpu(), lt.col.cpu(), lt.tiles, lt.image_size)
-        ids = inputs.inputs["input_ids"]
+        ids = inputs.inputs["input_ids"].cpu()
         sample_t, pos_t, ctx_t = [], [], []
         for b, lt in enumerate(inputs.layouts):
             tp = lt.text_positions.cpu()
             sample_t.append(torch.full((tp.numel(),), batch[b].id, dtype=torch.int64))
             pos_t.append(tp)
-            ctx_t.append(_text_contexts(ids[b].cpu(), tp, state.C))
+            ctx_t.append(_text_contexts(ids[b], tp, state.C))
         text_v = torch.cat([codes[b][1][0] for b in range(len(batch))])
         text_i = torch.cat([codes[b][1][1] for b in range(len(batch))])
         state.add_text(torch.cat(sample_t), torch.cat(pos_t), torch.cat(ctx_t), text_v, text_i)
@@ -980,31 +1183,55 @@ def build_index(cfg: IndexConfig) -> FeatureIndex:
 
     since_ckpt = 0
     started = time.perf_counter()
-    bar = tqdm(total=total, initial=state.next_id, desc="index", unit="sample", dynamic_ncols=True)
+    bar = tqdm(total=None if total is None else share(total), initial=share(state.next_id), dynamic_ncols=True,
+               desc="index" + (f" rank {rank}" if world > 1 else ""), unit="sample", disable=rank != 0)
     batch: list = []
     try:
-        for sample in source.samples(start=state.next_id, stop=cfg.max_samples, on_skip=on_skip):
+        for sample in source.samples(start=state.next_id, rank=rank, world=world, stop=cfg.max_samples, on_skip=on_skip):
             batch.append(sample)
             if len(batch) == cfg.batch_size:
                 run_batch(batch)
-                bar.update(batch[-1].id + 1 - bar.n)
+                bar.update(share(batch[-1].id + 1) - bar.n)
                 since_ckpt += len(batch)
                 batch = []
                 if since_ckpt >= cfg.checkpoint_every:
                     state.save(ckpt, signature)
-                    _drop_unreferenced_images(out, {r["image"] for r in state.samples.values()}, written)
+                    _drop_unreferenced_images(out, {r["image"] for r in state.samples.values()}, written, record)
                     since_ckpt = 0
         if batch:
             run_batch(batch)
-        if state.stats.n_images == 0:
-            raise MmsaeError(f"data {cfg.data} gave no images to index; give a source with images")
     finally:
         bar.close()
     if total is not None:
         state.next_id = max(state.next_id, total)
     state.save(ckpt, signature)  # the finished state, in case writing the folder is interrupted
-    manifest = {"format": FORMAT, "version": VERSION, "sae": str(cfg.sae), "sae_fingerprint": fingerprint,
-                "model": str(model_id), "layer": int(layer), "hook_point": adapter.hook_point(int(layer)),
+    _barrier(world)  # every rank's finished state is on disk
+    if rank == 0:
+        for r in range(1, world):
+            state.merge(IndexState.load(out / _checkpoint_name(r, world), signature, **state_kwargs))
+        _write_index(cfg, out, state, signature, adapter, sae, int(layer), model_id, world, started)
+    _barrier(world)
+    return FeatureIndex(out)
+
+
+def _write_index(cfg: IndexConfig, out: Path, state: IndexState, signature: dict, adapter, sae, layer: int,
+                 model_id, world: int, started: float) -> None:
+    """Rank 0: write the folder of the finished (merged) ``state``, then remove the checkpoints."""
+    if state.stats.n_images == 0:  # nothing worth resuming: the folder may take other data
+        for r in range(world):
+            (out / _checkpoint_name(r, world)).unlink(missing_ok=True)
+        raise MmsaeError(f"data {cfg.data} gave no images to index; give a source with images")
+    state.to("cpu")
+    # every rank's image copies, recorded in the one record before the ranks' records go
+    written = _written_images(out)
+    records = _image_records(out)
+    if any(path.name != IMAGES_WRITTEN for path in records):
+        write_text(out / IMAGES_WRITTEN, "".join(f"{rel}\n" for rel in sorted(written)))
+        for path in records:
+            if path.name != IMAGES_WRITTEN:
+                path.unlink()
+    manifest = {"format": FORMAT, "version": VERSION, "sae": str(cfg.sae), "sae_fingerprint": signature["sae_fingerprint"],
+                "model": str(model_id), "layer": layer, "hook_point": adapter.hook_point(layer),
                 "data": cfg.data, "top_n": cfg.top_n, "random_n": cfg.random_n, "image_score": cfg.image_score,
                 "n_images": state.stats.n_images, "n_skipped": state.skipped, "num_latents": sae.cfg.num_latents,
                 "k": sae.cfg.k, "quantile_levels": list(QUANTILE_LEVELS), "signature": signature,
@@ -1014,9 +1241,9 @@ def build_index(cfg: IndexConfig) -> FeatureIndex:
     manifest["run_seconds"] = round(time.perf_counter() - started, 3)
     _write_folder(out, manifest, state.top_sample, state.top_score, state.rand_sample, state.rand_score, state.maps,
                   state.stats, state.samples, state.layouts, tokens, written)
-    ckpt.unlink(missing_ok=True)
+    for r in range(world):
+        (out / _checkpoint_name(r, world)).unlink(missing_ok=True)
     if state.skipped:
         print(f"skipped {state.skipped} unreadable samples", flush=True)
-    index = FeatureIndex(out)
-    print(f"index: {len(index.features())} of {sae.cfg.num_latents} features fired on {state.stats.n_images} images -> {out}", flush=True)
-    return index
+    n_features = int((state.top_sample >= 0).any(1).sum())
+    print(f"index: {n_features} of {sae.cfg.num_latents} features fired on {state.stats.n_images} images -> {out}", flush=True)
