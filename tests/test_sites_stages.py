@@ -151,3 +151,18 @@ def test_evaluate_on_a_store_refuses_an_sae_of_another_site(tmp_path, images):
     saved(tmp_path, "vision-sae", d, site="vision:1")
     metrics = evaluate(EvaluateConfig(sae=str(tmp_path / "vision-sae"), activations=str(store.path), out=str(tmp_path / "m2.json"), progress=False))
     assert (tmp_path / "m2.json").exists() and metrics
+
+
+def test_index_reads_a_released_naming_and_refuses_an_sae_of_another_layer(tmp_path, images):
+    from mmsae.index import IndexConfig, build_index
+
+    d = tiny_adapter("llava").hidden_size
+    released = saved(tmp_path, "released", d, hook_point="model.layers.1", model=tiny_model("llava"))
+    index = build_index(IndexConfig(sae=str(tmp_path / "released"), data=str(images), out=str(tmp_path / "index"),
+                                    top_n=2, random_n=2, batch_size=2, device="cpu"))
+    manifest = json.loads((index.path / "manifest.json").read_text())
+    assert manifest["layer"] == 1 and manifest["site"] == "lm:1"
+    assert released.cfg.layer is None  # the layer came from the recorded hook point
+    with pytest.raises(MmsaeError, match=r"^SAE .* was trained at lm:1 but --site is lm:0; "):
+        build_index(IndexConfig(sae=str(tmp_path / "released"), layer=0, data=str(images), out=str(tmp_path / "index0"),
+                                device="cpu"))

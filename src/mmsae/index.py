@@ -1092,11 +1092,15 @@ def _build_index(cfg: IndexConfig, device: torch.device, rank: int, world: int) 
 
     from .data.sources import open_source
     from .models import load_adapter
+    from .models.sites import check_sae_site, parse_site, recorded_site
     from .sae import load_sae
 
     sae = load_sae(cfg.sae).to(device).eval()
     model_id = cfg.model or sae.cfg.model
-    layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
+    layer = cfg.layer
+    if layer is None and recorded_site(sae.cfg) is not None:  # e.g. a release that records only model.layers.24
+        recorded = parse_site(recorded_site(sae.cfg))
+        layer = recorded.layer if recorded.kind == "lm" else None
     if model_id is None or layer is None:
         raise MmsaeError(f"SAE {cfg.sae} does not record its model and layer; give --model and --layer")
     out = Path(cfg.out)
@@ -1129,9 +1133,7 @@ def _build_index(cfg: IndexConfig, device: torch.device, rank: int, world: int) 
                          "rerun with as many as before, or use another --out")
 
     adapter = load_adapter(str(model_id), dtype=cfg.dtype, device=device)
-    adapter.check_layer(int(layer))
-    if adapter.hidden_size != sae.cfg.d_in:
-        raise MmsaeError(f"SAE {cfg.sae} expects width {sae.cfg.d_in} but layer {layer} of {model_id} has {adapter.hidden_size}")
+    check_sae_site(sae, adapter, int(layer), f"SAE {cfg.sae}")  # the one site and width check
     source = open_source(cfg.data, split=cfg.split)
     state_kwargs = dict(num_latents=sae.cfg.num_latents, top_n=cfg.top_n, random_n=cfg.random_n, top_tokens=cfg.top_tokens,
                         context_tokens=cfg.context_tokens, image_score=cfg.image_score, seed=cfg.seed, device=device)
@@ -1231,7 +1233,7 @@ def _write_index(cfg: IndexConfig, out: Path, state: IndexState, signature: dict
             if path.name != IMAGES_WRITTEN:
                 path.unlink()
     manifest = {"format": FORMAT, "version": VERSION, "sae": str(cfg.sae), "sae_fingerprint": signature["sae_fingerprint"],
-                "model": str(model_id), "layer": layer, "hook_point": adapter.hook_point(layer),
+                "model": str(model_id), "layer": layer, "site": str(adapter.resolve_site(layer)), "hook_point": adapter.hook_point(layer),
                 "data": cfg.data, "top_n": cfg.top_n, "random_n": cfg.random_n, "image_score": cfg.image_score,
                 "n_images": state.stats.n_images, "n_skipped": state.skipped, "num_latents": sae.cfg.num_latents,
                 "k": sae.cfg.k, "quantile_levels": list(QUANTILE_LEVELS), "signature": signature,
