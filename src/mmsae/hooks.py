@@ -95,30 +95,10 @@ class _StopForward(Exception):
 
 
 def run_until(adapter: ModelAdapter, layer: int, inputs: ModelInputs | dict, grad: bool = False) -> torch.Tensor:
-    """The residual stream [B, T, d] after decoder ``layer``, without running the later layers.
-
-    The forward pass is stopped by an exception raised from the layer's hook and caught here,
-    so later layers, the final norm and the LM head cost nothing.
-    """
-    module = adapter.layer_module(layer)
-    batch = inputs.inputs if isinstance(inputs, ModelInputs) else inputs
-    record: list[torch.Tensor] = []
-
-    def hook(mod, args, output):
-        record.append(_hidden(output))
-        raise _StopForward
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.set_grad_enabled(grad):
-            adapter.model(**batch, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not record:
-        raise RuntimeError(f"layer {layer} of {adapter.model_id} was never called during the forward pass")
-    return record[0]
+    """The residual stream [B, T, d] after decoder ``layer``, without running the later layers
+    (``run_sites`` at the one site ``lm:layer``)."""
+    site = Site.lm(layer)
+    return run_sites(adapter, [site], inputs, grad)[site]
 
 
 def run_sites(adapter: ModelAdapter, sites: Iterable[Site | str | int], inputs: ModelInputs | dict, grad: bool = False) -> dict[Site, torch.Tensor]:
