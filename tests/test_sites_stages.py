@@ -13,10 +13,9 @@ from PIL import Image
 from mmsae.activations import ActivationStore, HarvestConfig, harvest
 from mmsae.cli import main as cli_main
 from mmsae.errors import MmsaeError
-from mmsae.models.sites import Site, check_sae_site
+from mmsae.models.sites import Site, check_sae_site, resolve_layer
 from mmsae.sae import SaeConfig, SparseAutoencoder, load_sae, save_sae
 from mmsae.sae.train import TrainConfig, train
-from mmsae.steer import resolve_layer
 from tiny_models import tiny_adapter, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

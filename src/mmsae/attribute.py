@@ -27,8 +27,9 @@ from .errors import MmsaeError
 from .hooks import edit
 from .io import append_jsonl, atomic_path, check_own_file, ensure_dir, write_json
 from .runtime import out_of_memory_guard
+from .models.sites import resolve_layer
 from .steer import (STEERING_KEYS, Intervention, build_interventions, decoder_directions, feature_activations,
-                    load_images, load_model_and_sae, resolve_layer, run_batches, work_dtype)
+                    load_images, load_model_and_sae, run_batches, work_dtype)
 
 ATTRIBUTION_KEYS = ("objective", "top_features")  # every attribution.json carries these
 

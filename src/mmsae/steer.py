@@ -34,7 +34,7 @@ from .config import check_config
 from .errors import MmsaeError
 from .hooks import edit
 from .io import append_jsonl, check_own_file, ensure_dir, latest_rows, read_jsonl, write_json
-from .models.sites import check_sae_site
+from .models.sites import resolve_layer
 from .runtime import check_dtype, out_of_memory_guard, resolve_device
 
 Mode = Literal["clamp", "add", "scale"]
@@ -54,15 +54,6 @@ class Intervention:
 
 
 # --- checks shared with attribution -----------------------------------------------------------
-
-
-def resolve_layer(adapter, sae, layer: int | str | None = None) -> int:
-    """The decoder layer the SAE reads, after ``check_sae_site`` has checked that its site and
-    width fit this model (``layer``: a layer or site name to use, None: the SAE's own)."""
-    site = check_sae_site(sae, adapter, layer)
-    if site.kind != "lm":
-        raise MmsaeError(f"the SAE reads {site}: steering, attribution and evaluation are not yet supported at {site.kind} sites; use an SAE trained at an lm:L site")
-    return site.layer
 
 
 def check_features(sae, features: Sequence[int]) -> None:

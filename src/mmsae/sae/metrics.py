@@ -185,7 +185,7 @@ def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.de
     from ..data.sources import DEFAULT_PROMPT, open_source
     from ..hooks import edit
     from ..models import load_adapter
-    from ..steer import resolve_layer
+    from ..models.sites import resolve_layer
 
     adapter = load_adapter(cfg.model, device=str(device))
     layer = resolve_layer(adapter, sae, cfg.layer)
