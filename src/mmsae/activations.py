@@ -39,7 +39,7 @@ from .errors import MmsaeError
 from .exclusion import TokenExclusion
 from .io import claim_dir, is_no_space, json_format, no_space_error, read_json, save_tensors, write_json
 from .models.sites import Site, parse_site, site_dirname
-from .runtime import check_dtype, init_distributed, out_of_memory_guard, resolve_device
+from .runtime import barrier, check_dtype, init_distributed, out_of_memory_guard, resolve_device
 
 FORMAT = "mmsae-activations"
 VERSION = 1
@@ -128,14 +128,12 @@ def harvest(cfg: HarvestConfig) -> ActivationStore | dict[str, ActivationStore]:
             claim_dir(out, "harvest", cfg.overwrite)
         for folder in outs.values():
             claim_dir(folder, "harvest", cfg.overwrite, legacy=_is_store_folder)
-    if world > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    barrier(world)
     progress = {site: _start_progress(folder, cfg, rank, world) for site, folder in outs.items()}
     if not all(p["done"] for p in progress.values()):  # (the shards written before running out of memory stay: a rerun resumes)
         with out_of_memory_guard("harvest", device, "--batch-size or --shard-size"):
             _harvest_rank(cfg, outs, progress, rank, world, device)
-    if world > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    barrier(world)
     if rank == 0:
         for site, folder in outs.items():
             at = f" at {site}" if len(sites) > 1 else ""

@@ -55,7 +55,7 @@ from .config import check_config
 from .errors import MmsaeError
 from .io import claim_dir, ensure_dir, json_format, no_space_guard, read_json, save_tensors, write_json, write_text
 from .models.base import Tile, TokenLayout, image_heatmap
-from .runtime import check_dtype, init_distributed, out_of_memory_guard, resolve_device
+from .runtime import barrier, check_dtype, init_distributed, out_of_memory_guard, resolve_device
 
 FORMAT = "mmsae-index"
 VERSION = 1
@@ -1067,11 +1067,6 @@ def _checkpoint_name(rank: int, world: int) -> str:
     return "checkpoint.safetensors" if world == 1 else f"checkpoint-{rank}-of-{world}.safetensors"
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
 def build_index(cfg: IndexConfig) -> FeatureIndex:
     """Stream ``cfg.data`` through the model with the SAE at ``cfg.layer`` and write the index.
 
@@ -1110,7 +1105,7 @@ def _build_index(cfg: IndexConfig, device: torch.device, rank: int, world: int) 
             taken = [name for name in INDEX_FILES if (out / name).exists()]
             if taken:
                 raise MmsaeError(f"{out / taken[0]} exists and was not written by mmsae index; move it away or choose a new --out")
-    _barrier(world)
+    barrier(world)
     record = IMAGES_WRITTEN if world == 1 else f"{IMAGES_WRITTEN}-{rank}"
     written = _written_images(out, rank, world)
     fingerprint = sae_fingerprint(sae)
@@ -1207,12 +1202,12 @@ def _build_index(cfg: IndexConfig, device: torch.device, rank: int, world: int) 
     if total is not None:
         state.next_id = max(state.next_id, total)
     state.save(ckpt, signature)  # the finished state, in case writing the folder is interrupted
-    _barrier(world)  # every rank's finished state is on disk
+    barrier(world)  # every rank's finished state is on disk
     if rank == 0:
         for r in range(1, world):
             state.merge(IndexState.load(out / _checkpoint_name(r, world), signature, **state_kwargs))
         _write_index(cfg, out, state, signature, adapter, sae, int(layer), model_id, world, started)
-    _barrier(world)
+    barrier(world)
     return FeatureIndex(out)
 
 

@@ -118,6 +118,13 @@ def init_distributed(device: torch.device, stage: str | None = None) -> tuple[in
     return rank, world
 
 
+def barrier(world: int) -> None:
+    """Wait for every rank (nothing to wait for in one process, or without a process group:
+    harvest's ranks can also coordinate through their files alone)."""
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def _destroy_group() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -45,7 +45,7 @@ from ..errors import MmsaeError
 from ..exclusion import TokenExclusion
 from ..io import (append_jsonl, check_own_file, claim_dir, ensure_dir, read_json, read_jsonl, save_tensors, write_json,
                   write_text)
-from ..runtime import check_dtype, init_distributed, out_of_memory_guard, resolve_device
+from ..runtime import barrier, check_dtype, init_distributed, out_of_memory_guard, resolve_device
 from .architectures import ARCHITECTURES, all_gather_cat, get_architecture
 from .kernels import sparse_decode, sparse_decode_groups, sparse_encode
 from .model import SaeConfig, SparseAutoencoder
@@ -565,8 +565,7 @@ def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank:
                                                            "resampled": state["resampled"]},
                                               "run_seconds": round(run_seconds, 3), "run_steps": total_steps - start_step,
                                               "source": source.describe()})
-    if world > 1:
-        dist.barrier()
+    barrier(world)
     return out
 
 
