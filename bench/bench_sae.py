@@ -9,7 +9,7 @@ For each shape (d x n x k) it times, interleaved round by round so that a shared
 hits them all alike:
   * ceiling: a plain [batch, d] x [d, n] matmul (2*d*n FLOPs per token, into a reused buffer);
   * mmsae:   one full training step (encode, decode, FVU loss, backward, decoder-gradient
-             projection, Adam, decoder renormalisation) through ``mmsae.sae.train``;
+             projection, Adam, decoder renormalisation) through ``mmsae.train``;
   * mmsae matryoshka: the same step with Matryoshka groups (``--matryoshka-fractions``): the
              loss over every prefix of the groups (its step time / TopK's is printed);
   * sparsify: ``SparseCoder`` forward (FVU loss), backward, the same projection, Adam and
@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from mmsae.sae.model import SaeConfig, SparseAutoencoder  # noqa: E402
-from mmsae.sae.train import SaeTrainingStep, TrainConfig, make_optimizer, matryoshka_group_sizes, train_step  # noqa: E402
+from mmsae.train import SaeTrainingStep, TrainConfig, make_optimizer, matryoshka_group_sizes, train_step  # noqa: E402
 
 SPARSIFY_WORKER = r"""
 import json, sys, time, torch

@@ -11,7 +11,7 @@ Two stores of real activations, built on first use and cached under ``--cache``:
     at the same layer over English paragraphs from the docstrings of Python's standard library
     (text that ships with every Python), held out: other paragraphs.
 On each, both trainers see the same tokens in the same order for the same number of steps:
-  * mmsae: ``mmsae.sae.train.train`` with every ``TrainConfig`` default except the run's size
+  * mmsae: ``mmsae.train.train`` with every ``TrainConfig`` default except the run's size
     (steps, batch size, expansion, k, seed), so the table follows whatever the defaults are;
   * sparsify: its own ``Trainer`` with its ``TrainConfig`` defaults (optimizer, learning rate,
     AuxK, b_dec initialisation, ...) in its own environment (bench/.venv-sparsify), fed by a
@@ -39,7 +39,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from mmsae.sae.sources import ActivationSource  # noqa: E402
+from mmsae.activation_sources import ActivationSource  # noqa: E402
 
 SPARSIFY_WORKER = r"""
 import json, sys, time
@@ -187,7 +187,7 @@ def build_stores(cache: Path, names: list[str], layer: int, sizes: dict) -> dict
 def train_mmsae(acts, order, args, steps: int, out: Path) -> tuple[dict, float, dict]:
     from safetensors.torch import load_file
 
-    from mmsae.sae.train import TrainConfig, train
+    from mmsae.train import TrainConfig, train
 
     cfg = TrainConfig(out=str(out), steps=steps, batch_size=args.batch_size, expansion=args.expansion, k=args.k,
                       seed=args.seed, device="cpu", progress=False)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mmsae.sae import load_sae  # noqa: E402
 from mmsae.sae.kernels import ActiveSet, sparse_decode, sparse_encode  # noqa: E402
 from mmsae.sae.synthetic import SyntheticConfig, generate, recovery_score  # noqa: E402
-import mmsae.sae.train as train_mod  # noqa: E402
+import mmsae.train as train_mod  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sae import make_mmsae_step  # noqa: E402

@@ -301,7 +301,7 @@ def run_family(family: str, spec: dict, plan: Plan, work: Path, pipeline: bool, 
     from mmsae.attribute import AttributeConfig, attribute
     from mmsae.data.sources import open_source
     from mmsae.index import IndexConfig, build_index
-    from mmsae.sae.train import TrainConfig, train
+    from mmsae.train import TrainConfig, train
     from mmsae.steer import SteerConfig, steer
 
     torch_dtype = getattr(torch, plan.dtype)

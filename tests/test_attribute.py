@@ -165,7 +165,7 @@ def test_bad_input_is_one_line_error(tmp_path):
 
 
 def test_demo_steering_writes_its_findings(tmp_path):
-    from mmsae.attribute import _mentions, demo_steering
+    from mmsae.demo.steering import _mentions, demo_steering
 
     adapter = tiny_adapter("llava")
     summary = demo_steering(adapter, make_sae(adapter), tmp_path, n_images=3, targets={"colour": ("red",)}, n_find=1,

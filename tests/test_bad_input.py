@@ -278,7 +278,7 @@ def test_bad_option_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, a
 
 
 def test_the_python_api_gets_the_same_checks():
-    from mmsae.sae.train import TrainConfig
+    from mmsae.train import TrainConfig
     from mmsae.steer import SteerConfig
 
     with pytest.raises(MmsaeError, match="^--checkpoint-every must be at least 1, got 0$"):

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import mmsae.sae.train as train_mod
+import mmsae.train as train_mod
 from mmsae.errors import MmsaeError
 from mmsae.exclusion import TokenExclusion, group_median
 from mmsae.sae import SaeConfig, SparseAutoencoder, load_sae
-from mmsae.sae.sources import StoreSource
+from mmsae.activation_sources import StoreSource
 from mmsae.sae.synthetic import SyntheticConfig, generate
-from mmsae.sae.train import TrainConfig, make_optimizer, resample_dead_latents, resample_steps, resolve_schedule, train
+from mmsae.train import TrainConfig, make_optimizer, resample_dead_latents, resample_steps, resolve_schedule, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -268,7 +268,7 @@ def one_sparse_sae(d: int = 4) -> SparseAutoencoder:
 
 
 def test_store_training_and_evaluation_leave_out_the_sinks(tmp_path):
-    from mmsae.sae.metrics import EvaluateConfig, evaluate
+    from mmsae.evaluate import EvaluateConfig, evaluate
 
     acts = write_store(tmp_path / "store")
     pos = torch.arange(len(acts)) % 8
@@ -336,7 +336,7 @@ def tiny_text_ids() -> tuple[set[int], int, int]:
 
 
 def test_evaluate_on_a_model_reports_with_and_without_the_excluded_tokens(tmp_path):
-    from mmsae.sae.metrics import EvaluateConfig, evaluate
+    from mmsae.evaluate import EvaluateConfig, evaluate
     from test_sae_metrics import exact_sae, zero_sae
     from tiny_models import tiny_adapter, tiny_model
 
@@ -403,7 +403,7 @@ def test_two_processes_resample_as_one_does(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(
         "import sys\n"
-        "from mmsae.sae.train import TrainConfig, train\n"
+        "from mmsae.train import TrainConfig, train\n"
         "train(TrainConfig(out=sys.argv[1], activations='synthetic:d=16,m=64,k=2,tokens=4096', expansion=8, k=1,\n"
         "                  batch_size=128, steps=4, lr=3e-3, progress=False, log_every=4, init_tokens=512,\n"
         "                  resample_every=3, resample_until=1.0))\n")

@@ -24,7 +24,7 @@ from mmsae.index import IndexConfig, IndexWriter, build_index
 from mmsae.io import read_jsonl
 from mmsae.models.base import Tile, TokenLayout
 from mmsae.report import DashboardConfig, build_dashboard
-from mmsae.sae.train import TrainConfig, train
+from mmsae.train import TrainConfig, train
 from tiny_models import tiny_adapter, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -260,7 +260,7 @@ def test_readers_take_a_features_last_row(tmp_path):
 
 def test_single_file_stages_never_replace_a_user_file(tmp_path):
     from mmsae.attribute import AttributeConfig, attribute
-    from mmsae.sae.metrics import EvaluateConfig, evaluate
+    from mmsae.evaluate import EvaluateConfig, evaluate
     from mmsae.steer import SteerConfig, steer
 
     out = tmp_path / "out"

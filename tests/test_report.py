@@ -65,7 +65,7 @@ def make_run(root: Path, with_index: bool = True) -> Path:
     append_jsonl(sae / "train_log.jsonl", [{"step": s, "loss": 1.0 / (s + 1), "fvu": 0.9 / (s + 1) + 0.05, "l0": 2.0,
                                             "dead_fraction": max(0.0, 0.5 - 0.05 * s), "lr": 1e-3, "tokens": 64 * s}
                                            for s in range(0, 20)])
-    # the layout mmsae.sae.metrics.evaluate writes
+    # the layout mmsae.evaluate.evaluate writes
     recon = {kind: {"tokens": 100, "fvu": fvu, "explained_variance": 1 - fvu, "l0": 2.0, "dead_fraction": 0.5,
                     "dense_fraction": 0.0, "density_histogram": {"log10_edges": [-2.0, -1.5, -1.0, -0.5, 0.0],
                                                                  "counts": [1, 3, 2, 0], "dead": 6}}

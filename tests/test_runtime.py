@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 import mmsae.hooks
-import mmsae.sae.train as train_mod
+import mmsae.train as train_mod
 from mmsae.cli import main as cli_main
 from mmsae.errors import MmsaeError
 from mmsae.io import read_jsonl
 from mmsae.runtime import check_dtype, init_distributed, out_of_memory_guard, resolve_device
-from mmsae.sae.train import TrainConfig, train
+from mmsae.train import TrainConfig, train
 from tiny_models import tiny_adapter, tiny_model
 
 CUDA = torch.cuda.is_available()

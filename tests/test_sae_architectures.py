@@ -14,7 +14,7 @@ from mmsae.cli import main as cli_main
 from mmsae.errors import MmsaeError
 from mmsae.sae import SaeConfig, SparseAutoencoder, load_sae
 from mmsae.sae.architectures import ARCHITECTURES, Architecture, Codes
-from mmsae.sae.train import SaeTrainingStep, TrainConfig, train
+from mmsae.train import SaeTrainingStep, TrainConfig, train
 
 
 def test_jumprelu_loss_and_straight_through_gradients_equal_a_float64_reference():

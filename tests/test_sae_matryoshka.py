@@ -13,7 +13,7 @@ from mmsae.sae import load_sae
 from mmsae.sae.kernels import sparse_decode_groups
 from mmsae.sae.model import SaeConfig, SparseAutoencoder
 from mmsae.sae.synthetic import generate_hierarchical
-from mmsae.sae.train import SaeTrainingStep, TrainConfig, matryoshka_group_sizes, train
+from mmsae.train import SaeTrainingStep, TrainConfig, matryoshka_group_sizes, train
 
 
 def dense_prefix_fvus(sae: SparseAutoencoder, x: torch.Tensor, arch: str, groups: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +97,7 @@ def test_group_decode_kernel_matches_dense_per_group_products():
 
 
 def test_k_anneals_from_the_width_down_to_k():
-    from mmsae.sae.train import annealed_k
+    from mmsae.train import annealed_k
 
     sae_cfg = SaeConfig(d_in=64, num_latents=256, k=4)
     cfg = TrainConfig(out="unused", k=4, k_anneal_steps=10)

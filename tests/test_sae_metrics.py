@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from mmsae.errors import MmsaeError
 from mmsae.sae import SaeConfig, SparseAutoencoder
-from mmsae.sae.metrics import EvaluateConfig, evaluate
+from mmsae.evaluate import EvaluateConfig, evaluate
 from tiny_models import tiny_adapter, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from mmsae.errors import MmsaeError
 from mmsae.sae import load_sae
-from mmsae.sae.sources import TensorSource
+from mmsae.activation_sources import TensorSource
 from mmsae.sae.synthetic import SyntheticConfig, generate, recovery_score
-from mmsae.sae.train import TrainConfig, geometric_median, train
+from mmsae.train import TrainConfig, geometric_median, train
 from tiny_models import run_in_one_and_two_processes
 
 
@@ -104,7 +104,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(
         "import sys\n"
-        "from mmsae.sae.train import TrainConfig, train\n"
+        "from mmsae.train import TrainConfig, train\n"
         "for arch in ('topk', 'batchtopk'):\n"
         "    train(TrainConfig(out=sys.argv[1] + '-' + arch, activations='synthetic:d=16,m=32,k=2,tokens=4096', expansion=2,\n"
         "                      k=2, batch_size=128, steps=6, warmup=2, lr=3e-3, dead_tokens=256, auxk_coefficient=1 / 32,\n"

@@ -15,7 +15,7 @@ from mmsae.cli import main as cli_main
 from mmsae.errors import MmsaeError
 from mmsae.models.sites import Site, check_sae_site, resolve_layer
 from mmsae.sae import SaeConfig, SparseAutoencoder, load_sae, save_sae
-from mmsae.sae.train import TrainConfig, train
+from mmsae.train import TrainConfig, train
 from tiny_models import tiny_adapter, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -140,7 +140,7 @@ def test_bad_sites_and_rules_are_one_line_errors(tmp_path, images, capsys):
 
 
 def test_evaluate_on_a_store_refuses_an_sae_of_another_site(tmp_path, images):
-    from mmsae.sae.metrics import EvaluateConfig, evaluate
+    from mmsae.evaluate import EvaluateConfig, evaluate
 
     store = run(tmp_path / "store", images, site=["vision:1"], max_samples=2)
     d = store.d

@@ -12,7 +12,9 @@ from PIL import Image
 from mmsae.errors import MmsaeError
 from mmsae.hooks import capture
 from mmsae.sae import SaeConfig, SparseAutoencoder
-from mmsae.steer import FeatureEditor, Intervention, SteerConfig, generate, span_mask, steer, steered
+from mmsae.intervene import Intervention, Rows, SaeSplice, generate_inputs, spliced
+from mmsae.models.sites import Site
+from mmsae.steer import SteerConfig, steer
 from tiny_models import tiny_adapter, tiny_model
 
 LAYER = 1
@@ -50,7 +52,7 @@ def scores(adapter, inputs, n=6, sae=None, ivs=(), span="all"):
         if sae is None:
             out = adapter.model.generate(**inputs.inputs, **kwargs)
         else:
-            with steered(adapter, sae, ivs, span=span, inputs=inputs):
+            with spliced(adapter, sae, inputs, interventions=ivs, span=span):
                 out = adapter.model.generate(**inputs.inputs, **kwargs)
     return out.sequences, torch.stack(out.scores, 1)
 
@@ -91,7 +93,7 @@ def test_edit_equals_decode_of_edited_latents_plus_error(adapter):
         adapter.model(**inputs.inputs)
     x = rec.last
     ivs = [Intervention(3, 4.0, "clamp"), Intervention(11, 2.5, "add"), Intervention(20, 0.5, "scale")]
-    edited = FeatureEditor(sae, ivs, "all")(x)
+    edited = SaeSplice(sae, Site.lm(LAYER), Rows(), ivs)(x)
     with torch.no_grad():
         lat = sae.encode(x)
         new = lat.clone()
@@ -110,12 +112,18 @@ def test_spans_edit_only_their_positions(adapter, span):
     with torch.no_grad(), capture(module) as clean:
         adapter.model.generate(**inputs.inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
     # the steered prefill is compared with the clean prefill, position by position
-    with torch.no_grad(), steered(adapter, sae, [Intervention(5, 30.0, "add")], span=span, inputs=inputs):
+    with torch.no_grad(), spliced(adapter, sae, inputs, interventions=[Intervention(5, 30.0, "add")], span=span):
         # hooks run in registration order: the capture sees the edited output
         with capture(module) as edited:
             adapter.model(**inputs.inputs)
     changed = (edited.last - clean.outputs[0]).abs().amax(-1) > 1e-6  # prefill positions [B, T]
-    assert torch.equal(changed, span_mask(inputs, span))
+    expected = torch.zeros_like(changed)  # the span's positions, from the layouts and the padding
+    for b, layout in enumerate(inputs.layouts):
+        if span == "prompt":
+            expected[b] = inputs.attention_mask[b].bool()
+        elif span in ("image", "text"):
+            expected[b, layout.positions if span == "image" else layout.text_positions] = True
+    assert torch.equal(changed, expected)
     if span == "image":
         assert changed.sum() == sum(len(lay.positions) for lay in inputs.layouts)
 
@@ -153,7 +161,7 @@ def test_generate_helper_and_stage_write_rows_and_sweep(adapter, tmp_path, capsy
     sae.save(sae_dir)
     img = tmp_path / "img.png"
     image(3).save(img)
-    gen = generate(adapter, batch(adapter), 4)
+    gen = generate_inputs(adapter, batch(adapter), 4)
     assert len(gen.texts) == 2 and gen.new_tokens.shape == (2, 4)
     cfg = SteerConfig(model=tiny_model("llava"), sae=str(sae_dir), feature=[5, 9], value=[20.0, 5.0], mode="add",
                       prompt=["hi", "name a colour"], image=[str(img)], out=str(tmp_path / "out"), max_new_tokens=4,
@@ -180,11 +188,12 @@ def test_bad_input_is_one_line_error(adapter, tmp_path):
     sae = make_sae(adapter)
     inputs = batch(adapter)
     cases = [
-        lambda: steered(adapter, sae, [Intervention(128, 1.0)]).__enter__(),
-        lambda: steered(adapter, make_sae(adapter, d_in=16), [Intervention(1, 1.0)]).__enter__(),
-        lambda: steered(adapter, make_sae(adapter, hook_point="language_model.layers.2"), [Intervention(1, 1.0)], layer=LAYER).__enter__(),  # not the SAE's site
-        lambda: steered(adapter, sae, [Intervention(1, 1.0, "multiply")], inputs=inputs).__enter__(),
-        lambda: steered(adapter, sae, [Intervention(1, 1.0)], span="image").__enter__(),  # span needs inputs
+        lambda: spliced(adapter, sae, interventions=[Intervention(128, 1.0)]).__enter__(),
+        lambda: spliced(adapter, make_sae(adapter, d_in=16), interventions=[Intervention(1, 1.0)]).__enter__(),
+        lambda: spliced(adapter, make_sae(adapter, hook_point="language_model.layers.2"), site=LAYER,
+                        interventions=[Intervention(1, 1.0)]).__enter__(),  # not the SAE's site
+        lambda: spliced(adapter, sae, inputs, interventions=[Intervention(1, 1.0, "multiply")]).__enter__(),
+        lambda: spliced(adapter, sae, interventions=[Intervention(1, 1.0)], span="image").__enter__(),  # span needs inputs
     ]
     for case in cases:
         with pytest.raises(MmsaeError) as err:

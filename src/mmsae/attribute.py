@@ -14,7 +14,6 @@ the top features' estimates are checked against really ablating each one.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -24,12 +23,11 @@ import torch
 
 from .config import check_config
 from .errors import MmsaeError
-from .hooks import edit
-from .io import append_jsonl, atomic_path, check_own_file, ensure_dir, write_json
+from .intervene import Intervention, Rows, site_latents, spliced, work_dtype
+from .io import atomic_path, check_own_file, ensure_dir, write_json
+from .models.sites import check_sae_site
 from .runtime import out_of_memory_guard
-from .models.sites import resolve_layer
-from .steer import (STEERING_KEYS, Intervention, build_interventions, decoder_directions, feature_activations,
-                    load_images, load_model_and_sae, run_batches, work_dtype)
+from .steer import load_images, load_model_and_sae
 
 ATTRIBUTION_KEYS = ("objective", "top_features")  # every attribution.json carries these
 
@@ -91,33 +89,28 @@ def build_objective(adapter, image, prompt: str, answer: str, contrast: str | No
 # --- one forward + one backward ---------------------------------------------------------------
 
 
-class _Splice:
-    """Hook function: swaps x for decode(latents) + detached error, the latents a grad leaf."""
-
-    def __init__(self, sae):
-        self.sae = sae
-        self.values = self.indices = None
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden.to(work_dtype(hidden.dtype))
-        with torch.no_grad():
-            values, indices = self.sae.encode_sparse(x)
-        values = values.to(x.dtype).detach().requires_grad_(True)
-        recon = self.sae.decode_sparse(values, indices).to(x.dtype)
-        self.values, self.indices = values, indices
-        return (recon + (x - recon).detach()).to(hidden.dtype)
-
-
 @dataclass
 class Attribution:
-    """Per-position, per-active-feature attributions of one answer (batch 1, sparse over features)."""
+    """Per-row, per-active-feature attributions of one answer (batch 1, sparse over features).
+
+    Rows are the rows of the SAE site's activation: the sequence's tokens at an ``lm`` site, the
+    tower's or projector's rows at a ``vision``/``projector`` site; ``image_rows`` are the rows of
+    the image's patches, in the order of ``layout`` (whose positions they are), ``text_rows`` the
+    text tokens' (none at vision and projector sites)."""
 
     objective: float
     kind: str
-    values: torch.Tensor  # [T, k] active latents' activations
-    indices: torch.Tensor  # [T, k] their feature ids
-    scores: torch.Tensor  # [T, k] activation x gradient
+    values: torch.Tensor  # [R, k] active latents' activations
+    indices: torch.Tensor  # [R, k] their feature ids
+    scores: torch.Tensor  # [R, k] activation x gradient
     num_latents: int
+    site: str = "lm"
+    layout: object = None  # TokenLayout of the image patches (positions = rows)
+    text_rows: torch.Tensor | None = None
+
+    @property
+    def image_rows(self) -> torch.Tensor:
+        return self.layout.positions.cpu() if self.layout is not None else torch.zeros(0, dtype=torch.long)
 
     def feature_totals(self, positions: torch.Tensor | None = None) -> torch.Tensor:
         """[n] attribution summed over ``positions`` (all positions if None) per feature."""
@@ -142,58 +135,56 @@ def _frozen_params(model: torch.nn.Module):
     return restore
 
 
-def attribute_answer(adapter, sae, objective: AnswerObjective, layer: int | None = None) -> Attribution:
-    """Activation x gradient for every active feature at every position, in one forward + backward."""
-    layer = resolve_layer(adapter, sae, layer)
-    splice = _Splice(sae)
+def attribute_answer(adapter, sae, objective: AnswerObjective) -> Attribution:
+    """Activation x gradient for every active feature at every row of the SAE's site, in one
+    forward + backward (the intervention layer's ``grad`` splice: the same values, the latents a leaf)."""
     restore = _frozen_params(adapter.model)
     try:
-        with torch.enable_grad(), edit(adapter.layer_module(layer), splice):
+        with torch.enable_grad(), spliced(adapter, sae, objective.inputs, grad=True) as splice:
             logits = adapter.model(**objective.inputs.inputs).logits
             obj = objective(logits)[0]
-        (grad,) = torch.autograd.grad(obj, splice.values)
+            values, indices = splice.latents[0]
+        (grad,) = torch.autograd.grad(obj, values)
     finally:
         restore()
-    values = splice.values.detach()[0]
-    return Attribution(float(obj.detach()), objective.kind, values, splice.indices[0], values * grad[0], sae.cfg.num_latents)
+    rows = site_latents(adapter, splice.site, objective.inputs, values.detach(), indices, sae.cfg.num_latents)
+    values, grad = values.detach().reshape(rows.values.shape), grad.reshape(rows.values.shape)
+    return Attribution(float(obj.detach()), objective.kind, values, rows.indices, values * grad, sae.cfg.num_latents,
+                       str(splice.site), rows.layouts[0] if rows.layouts[0].num_image_tokens else None, rows.text_rows[0])
 
 
 # --- checking the estimate by ablation --------------------------------------------------------
-
-
-class _RowAblation:
-    """Hook function zeroing feature ``features[r]`` in batch row r at every position (error kept)."""
-
-    def __init__(self, sae, features: list[int]):
-        self.sae = sae
-        self.features = features
-        self.directions = decoder_directions(sae, features)
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden.to(work_dtype(hidden.dtype))
-        with torch.no_grad():
-            acts = feature_activations(self.sae, x, self.features)  # [B, T, F]
-        rows = torch.arange(len(self.features), device=x.device)
-        own = acts[rows, :, rows]  # [B, T] row r's own feature
-        delta = -own.unsqueeze(-1) * self.directions.to(x).unsqueeze(1)
-        return (x + delta).to(hidden.dtype)
 
 
 def _repeat_batch(inputs: dict, n: int) -> dict:
     return {k: v.repeat(n, *([1] * (v.dim() - 1))) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in inputs.items()}
 
 
-def ablation_effects(adapter, sae, objective: AnswerObjective, features: list[int], layer: int | None = None,
-                     batch_size: int = 8) -> list[float]:
-    """The real change of the objective when each feature is zeroed at every position."""
-    layer = resolve_layer(adapter, sae, layer)
+def _every_row(adapter, site, inputs, copies: int) -> Rows:
+    """Every row of the site's activation for ``copies`` copies of a one-sequence batch (each
+    copy its own sequence), as the attribution saw them: every position at an lm site, every
+    patch and CLS/register row at a vision or projector site."""
+    if site.kind == "lm":
+        return Rows(site=site)
+    rows = adapter.site_rows(site, inputs, include_special=True)
+    one = torch.zeros(rows.num_rows, dtype=torch.bool)
+    one[rows.index] = True
+    return Rows(flat=one.repeat(copies), flat_sample=torch.arange(copies).repeat_interleave(rows.num_rows), site=site)
+
+
+def ablation_effects(adapter, sae, objective: AnswerObjective, features: list[int], batch_size: int = 8) -> list[float]:
+    """The real change of the objective when each feature is zeroed at every row of its site
+    (one copy of the sequence per feature, each clamping its own feature to 0; error term kept)."""
+    site = check_sae_site(sae, adapter)
     with torch.no_grad():
         clean = float(objective(adapter.model(**objective.inputs.inputs).logits)[0])
         effects = []
         for i in range(0, len(features), batch_size):
             chunk = features[i:i + batch_size]
-            with edit(adapter.layer_module(layer), _RowAblation(sae, chunk)):
-                logits = adapter.model(**_repeat_batch(objective.inputs.inputs, len(chunk))).logits
+            batch = _repeat_batch(objective.inputs.inputs, len(chunk))
+            ablate = [Intervention(f, 0.0, "clamp", batch_row=r) for r, f in enumerate(chunk)]
+            with spliced(adapter, sae, site=site, interventions=ablate, rows=_every_row(adapter, site, objective.inputs, len(chunk))):
+                logits = adapter.model(**batch).logits
             effects += [float(v) - clean for v in objective(logits)]
     return effects
 
@@ -231,7 +222,8 @@ class AttributeConfig:
     out: str = field(default="attribution", metadata={"help": "output folder (attribution.json, heat-map PNGs)"})
     top: int = field(default=20, metadata={"help": "top features to report (overall, per patch, per token)", "min": 1})
     check: int = field(default=10, metadata={"help": "top features whose estimate is checked by really ablating each", "min": 0})
-    layer: Optional[int] = field(default=None, metadata={"help": "layer, if the SAE's cfg does not record it", "min": 0})
+    site: Optional[str] = field(default=None, metadata={
+        "help": "the SAE's site (lm:L, vision:L, projector; a number is lm:L) if its cfg records none"})
     device: str = field(default="auto", metadata={"help": "auto (this rank's GPU if any, else cpu), cpu, cuda or cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "model dtype: float32, bfloat16, float16"})
 
@@ -256,13 +248,11 @@ def _per_position(att: Attribution, positions: torch.Tensor, n: int) -> list[lis
 
 def save_heatmap(image, heat: np.ndarray, path: str | Path, title: str) -> None:
     """The image with a signed heat-map over it (red: raises the objective, blue: lowers it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     lim = float(np.abs(heat).max()) or 1.0
-    fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
+    fig = Figure(figsize=(4.2, 4.2), dpi=120)
+    ax = fig.subplots()
     ax.imshow(np.asarray(image))
     im = ax.imshow(heat, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.55,
                    extent=(0, image.size[0], image.size[1], 0), interpolation="nearest")
@@ -272,19 +262,18 @@ def save_heatmap(image, heat: np.ndarray, path: str | Path, title: str) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def attribution_report(adapter, sae, objective: AnswerObjective, att: Attribution, image=None, top: int = 20,
-                       check: int = 10, layer: int | None = None, out: str | Path | None = None) -> dict:
+                       check: int = 10, out: str | Path | None = None) -> dict:
     """Top features overall / per patch / per token, and the ablation check; heat-maps into ``out``."""
     from .models.base import image_heatmap
 
-    layout = objective.inputs.layouts[0]
+    layout = att.layout
     tok = adapter.tokenizer
     ids = objective.inputs.inputs["input_ids"][0]
-    image_pos = layout.positions.cpu()
-    text_pos = layout.text_positions.cpu()
+    image_pos = att.image_rows
+    text_pos = att.text_rows.cpu() if att.text_rows is not None else torch.zeros(0, dtype=torch.long)
     totals = att.feature_totals()
     image_totals = att.feature_totals(image_pos) if len(image_pos) else torch.zeros_like(totals)
     text_totals = att.feature_totals(text_pos) if len(text_pos) else torch.zeros_like(totals)
@@ -301,7 +290,7 @@ def attribution_report(adapter, sae, objective: AnswerObjective, att: Attributio
               for p, tf in zip(text_pos.tolist(), _per_position(att, text_pos, 5))]
 
     checked = [r["feature"] for r in top_features[:check]]
-    real = ablation_effects(adapter, sae, objective, checked, layer) if checked else []
+    real = ablation_effects(adapter, sae, objective, checked) if checked else []
     estimates = [-float(totals[f]) for f in checked]  # zeroing removes the feature's contribution
     result = {
         "objective": att.objective, "objective_kind": att.kind,
@@ -325,19 +314,26 @@ def attribution_report(adapter, sae, objective: AnswerObjective, att: Attributio
     return result
 
 
+def site_record(adapter, site) -> dict:
+    """What an output file records of where its SAE sat: the site, and for an lm site its layer
+    and hook point."""
+    lm = site.kind == "lm"
+    return {"site": str(site), "layer": site.layer if lm else None, "hook_point": adapter.hook_point(site.layer) if lm else None}
+
+
 def attribute(cfg: AttributeConfig) -> dict:
     """Attribute the answer to features over image patches and text tokens; writes ``OUT/attribution.json``."""
     out = ensure_dir(cfg.out)
     check_own_file(out / "attribution.json", ATTRIBUTION_KEYS)  # before the work: a user's file is never replaced
     image = load_images([cfg.image] if cfg.image else [], 1)[0]
-    adapter, sae = load_model_and_sae(cfg.model, cfg.sae, cfg.device, cfg.dtype)
-    layer = resolve_layer(adapter, sae, cfg.layer)
+    adapter, sae = load_model_and_sae(cfg.model, cfg.sae, cfg.device, cfg.dtype, cfg.site)
+    site = check_sae_site(sae, adapter)
     objective = build_objective(adapter, image, cfg.prompt, cfg.answer, cfg.contrast)
     # one sequence's forward and backward: what there is to lower is the model's own size
     with out_of_memory_guard("attribute", adapter.device, "--dtype (bfloat16 halves the model)", resumes=False):
-        att = attribute_answer(adapter, sae, objective, layer)
-        report = attribution_report(adapter, sae, objective, att, image, cfg.top, cfg.check, layer, out)
-    result = {"model": cfg.model, "sae": cfg.sae, "layer": layer, "hook_point": adapter.hook_point(layer),
+        att = attribute_answer(adapter, sae, objective)
+        report = attribution_report(adapter, sae, objective, att, image, cfg.top, cfg.check, out)
+    result = {"model": cfg.model, "sae": cfg.sae, **site_record(adapter, site),
               "image": cfg.image, "prompt": cfg.prompt, "answer": cfg.answer, "contrast": cfg.contrast, **report}
     write_json(out / "attribution.json", result)
     print(f"{result['objective_kind']} = {result['objective']:.4f}; top features (activation x gradient):")
@@ -349,158 +345,3 @@ def attribute(cfg: AttributeConfig) -> dict:
         print(f"ablation check over {chk['n']} features: Pearson r = {p} (estimate vs real effect of zeroing each)")
     print(f"wrote {out / 'attribution.json'}")
     return result
-
-
-# --- the demo: find the shapes world's colour and shape features, then steer with them --------
-
-DEMO_TARGETS = {"colour": ("red", "blue", "green", "yellow"), "shape": ("star", "circle")}
-
-
-@dataclass
-class _Question:
-    scene: int
-    question: str
-    answer: str
-
-
-def _questions(world, kind: str, scenes: range) -> list[_Question]:
-    from .data.shapes import make_caption, make_qa, question_type
-
-    out = []
-    for i in scenes:
-        desc = world.describe(i)  # the questions without rendering the image
-        for q, a in make_qa(desc, make_caption(desc)):
-            if question_type(q) == kind:
-                out.append(_Question(i, q, a))
-    return out
-
-
-def _mentions(text: str, word: str) -> bool:
-    return word in [w.strip(".,;:!?\"'()").lower() for w in text.split()]
-
-
-def demo_steering(model, sae, run_dir: str | Path, n_images: int = 40, seed: int = 2, targets: dict | None = None,
-                  n_find: int = 4, candidates: int = 3, multiples: tuple[float, ...] = (2.0, 4.0, 8.0),
-                  spans: tuple[str, ...] = ("image", "all"), n_validate: int = 8, max_new_tokens: int = 4,
-                  batch_size: int = 8) -> dict:
-    """Find colour/shape features by attribution, then clamp each to make the model give that answer.
-
-    ``model`` and ``sae`` are paths (or a loaded adapter and SAE). For each target answer (say
-    "red"): attribute the logit difference "red" minus another answer on ``n_find`` scenes whose
-    true answer is red, sum each feature's attribution over the image patches, keep the top
-    ``candidates``. Each candidate is clamped (to a multiple of its largest activation seen, on
-    the image tokens or on all positions) while the model answers the same kind of question about
-    scenes whose true answer is *not* red; the best setting on ``n_validate`` questions is then
-    scored on the other held-out ones (``n_images`` in all, one question per scene).
-
-    Writes ``RUN/steering/demo_steering.json`` (per target: feature, span, value, success rate,
-    the clean model's accuracy), examples to ``RUN/steering/steering.jsonl`` (their images under
-    ``RUN/steering/examples/``) and one attribution report to ``RUN/attribution/``.
-    """
-    from .data.shapes import COLOURS, SHAPES, ShapesWorld
-    from .models.base import ModelAdapter
-
-    if isinstance(model, ModelAdapter):
-        adapter = model
-    else:
-        from .models import load_adapter
-
-        adapter = load_adapter(model)
-    if isinstance(sae, (str, Path)):
-        from .sae import load_sae
-
-        sae = load_sae(sae)
-    sae = sae.to(adapter.device).eval()
-    layer = resolve_layer(adapter, sae)
-    run_dir = Path(run_dir)
-    steer_dir, att_dir = ensure_dir(run_dir / "steering"), ensure_dir(run_dir / "attribution")
-    ensure_dir(steer_dir / "examples")
-    # what this replaces or appends to must be mmsae's
-    check_own_file(steer_dir / "steering.jsonl", STEERING_KEYS)
-    check_own_file(steer_dir / "demo_steering.json", ("targets", "best_success"))
-    check_own_file(att_dir / "attribution.json", ATTRIBUTION_KEYS)
-    world = ShapesWorld(seed)
-    scene_image = functools.lru_cache(maxsize=None)(lambda i: world.scene(i).image)
-    vocab = {"colour": list(COLOURS), "shape": list(SHAPES)}
-    targets = targets or DEMO_TARGETS
-    # discovery scenes first, held-out evaluation scenes after them (disjoint)
-    n_discovery_scenes = 12 * n_find
-    summary = {"model": adapter.model_id, "layer": layer, "seed": seed, "targets": []}
-    rows, attribution_written = [], False
-    for kind, wanted in targets.items():
-        found = _questions(world, kind, range(n_discovery_scenes))
-        held_out: list[_Question] = []
-        scene = n_discovery_scenes
-        while len(held_out) < n_images + n_validate * 4 and scene < n_discovery_scenes + 50 * n_images:
-            qs = _questions(world, kind, range(scene, scene + 1))
-            held_out += qs[:1]  # one question per scene
-            scene += 1
-        for target in wanted:
-            pool = [q for q in found if q.answer == target][:n_find]
-            if not pool:
-                continue
-            others = [w for w in vocab[kind] if w != target]
-            image_totals = torch.zeros(sae.cfg.num_latents, dtype=torch.float64)
-            max_act = torch.zeros(sae.cfg.num_latents)
-            for j, q in enumerate(pool):
-                image = scene_image(q.scene)
-                objective = build_objective(adapter, image, q.question, target, others[j % len(others)])
-                att = attribute_answer(adapter, sae, objective, layer)
-                image_totals += att.feature_totals(objective.inputs.layouts[0].positions.cpu())
-                max_act.scatter_reduce_(0, att.indices.flatten().cpu(), att.values.flatten().float().cpu(), "amax")
-                if not attribution_written:  # one full report, with heat-maps, for the run report
-                    report = attribution_report(adapter, sae, objective, att, image, out=att_dir, layer=layer)
-                    image.save(att_dir / "image.png")
-                    write_json(att_dir / "attribution.json", {
-                        "model": adapter.model_id, "layer": layer, "hook_point": adapter.hook_point(layer),
-                        "image": "image.png", "prompt": q.question, "answer": target,
-                        "contrast": others[j % len(others)], **report})
-                    attribution_written = True
-            ranked = [int(f) for f in image_totals.argsort(descending=True)[:candidates] if image_totals[f] > 0]
-            evaluation = [q for q in held_out if q.answer != target]
-            validate, test = evaluation[:n_validate], evaluation[n_validate:n_validate + n_images]
-            if not ranked or not test:
-                continue
-
-            def answers(questions, ivs=(), span="all"):
-                images = [scene_image(q.scene) for q in questions]
-                texts, _ = run_batches(adapter, images, [q.question for q in questions], batch_size, max_new_tokens,
-                                       sae, list(ivs), span, layer)
-                return texts
-
-            def rate(texts, word):
-                return sum(_mentions(t, word) for t in texts) / max(1, len(texts))
-
-            best = None  # (validation rate, -value, feature, span, value)
-            for f in ranked:
-                for span in spans:
-                    for m in multiples:
-                        value = float(m * max_act[f]) if max_act[f] > 0 else float(m)
-                        r = rate(answers(validate, [Intervention(f, value, "clamp")], span), target)
-                        if best is None or (r, -value) > best[:2]:
-                            best = (r, -value, f, span, value)
-            _, _, f, span, value = best
-            clean = answers(test)
-            steered_texts = answers(test, build_interventions([f], [value], "clamp"), span)
-            result = {
-                "kind": kind, "target": target, "feature": f, "span": span, "value": value,
-                "candidates": ranked, "image_attribution": float(image_totals[f]),
-                "validation_success": best[0], "success": rate(steered_texts, target), "n": len(test),
-                "clean_says_target": rate(clean, target),
-                "clean_accuracy": sum(_mentions(t, q.answer) for t, q in zip(clean, test)) / len(test),
-            }
-            summary["targets"].append(result)
-            print(f"[steer demo] {kind} '{target}': feature {f} clamped to {value:.3g} on {span} -> says "
-                  f"'{target}' on {result['success']:.0%} of {len(test)} held-out scenes "
-                  f"(clean model: {result['clean_says_target']:.0%}; clean accuracy {result['clean_accuracy']:.0%})")
-            for q, a, b in list(zip(test, clean, steered_texts))[:3]:
-                name = f"examples/scene-{seed}-{q.scene}.png"
-                scene_image(q.scene).save(steer_dir / name)
-                rows.append({"prompt": q.question, "image": name, "true_answer": q.answer, "target": target,
-                             "interventions": [{"feature": f, "value": value, "mode": "clamp"}], "span": span,
-                             "layer": layer, "clean": a, "steered": b, "model": adapter.model_id, "demo": True})
-    best_rates = [t["success"] for t in summary["targets"]]
-    summary["best_success"] = max(best_rates) if best_rates else None
-    write_json(steer_dir / "demo_steering.json", summary)
-    append_jsonl(steer_dir / "steering.jsonl", rows)
-    return summary

@@ -21,8 +21,8 @@ from .io import is_no_space, no_space_error
 # subcommand -> (module, config class, function, one-line description)
 STAGES: dict[str, tuple[str, str, str, str]] = {
     "harvest": ("mmsae.activations", "HarvestConfig", "harvest", "run a model over data and store one layer's activations"),
-    "train": ("mmsae.sae.train", "TrainConfig", "train", "train a sparse autoencoder on stored (or live) activations"),
-    "evaluate": ("mmsae.sae.metrics", "EvaluateConfig", "evaluate", "measure an SAE: FVU, L0, dead latents, spliced-in loss"),
+    "train": ("mmsae.train", "TrainConfig", "train", "train a sparse autoencoder on stored (or live) activations"),
+    "evaluate": ("mmsae.evaluate", "EvaluateConfig", "evaluate", "measure an SAE: FVU, L0, dead latents, spliced-in loss"),
     "index": ("mmsae.index", "IndexConfig", "build_index", "find each feature's top images with patch maps"),
     "explain": ("mmsae.explain", "ExplainConfig", "explain", "have a multimodal model explain each feature"),
     "score": ("mmsae.score", "ScoreConfig", "score", "score explanations (IoU, CLIP score, detection) against baselines"),

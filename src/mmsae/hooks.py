@@ -72,6 +72,7 @@ def capture(module: torch.nn.Module, detach: bool = True) -> Iterator[Capture]:
 def edit(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace ``module``'s output hidden states by ``fn(hidden)`` on every call.
 
+    The edit runs before the module's other forward hooks, so they all see the edited output.
     ``fn`` gets [B, T, d] (T = 1 on generate's decode steps) and returns the same shape; the
     rest of a tuple output is kept.
     """
@@ -83,7 +84,9 @@ def edit(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) ->
             raise ValueError(f"edit fn changed the hidden shape from {tuple(hidden.shape)} to {tuple(new.shape)}")
         return _replace_hidden(output, new)
 
-    handle = module.register_forward_hook(hook)
+    # first among the module's hooks: transformers records hidden_states (which LLaVA's projector
+    # reads from the tower) with forward hooks of its own, and those must see the edited output
+    handle = module.register_forward_hook(hook, prepend=True)
     try:
         yield
     finally:

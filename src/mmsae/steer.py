@@ -1,17 +1,16 @@
 """Steering: change SAE features inside the model while it generates.
 
 An intervention sets a feature's activation (``clamp``), adds a multiple of its decoder
-direction (``add``) or multiplies its activation (``scale``) at the SAE's hook point, in the
-prefill and at every decode step, on a chosen span of positions. The SAE's error term is kept:
-the hidden state becomes ``decode(edited latents) + (x - decode(latents))``, which, the decoder
-being linear, is ``x + sum_f (new_f - old_f) * W_dec[f]``. So with no intervention (or a clamp
-to a feature's own value) the model is *exactly* the clean model, unlike the released code,
-which swaps in the bare reconstruction and steers only the prompt pass.
+direction (``add``) or multiplies its activation (``scale``) at the SAE's site, in the prefill
+and at every decode step, on a chosen span of positions. The edit itself is the intervention
+layer's (``mmsae.intervene``): the SAE's error term is kept, so with no intervention (or a clamp
+to a feature's own value) the model is *exactly* the clean model, unlike the released code, which
+swaps in the bare reconstruction and steers only the prompt pass. An SAE at a ``vision:L`` or
+``projector`` site edits the image features the language model reads.
 
-Python API::
+Python API (see ``mmsae.intervene``)::
 
-    with steered(adapter, sae, [Intervention(123, 40.0, "clamp")], span="all", inputs=batch):
-        out = adapter.model.generate(**batch.inputs, max_new_tokens=20)
+    mmsae.generate(adapter, image, "What colour is the shape?", {sae: [Intervention(123, 40.0, "clamp")]})
 
 ``steer(SteerConfig(...))`` is the CLI stage: clean and steered generations side by side,
 rows in ``OUT/steering.jsonl``; with ``sweep`` values it also measures, per value, how often
@@ -22,201 +21,21 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 
 from .config import check_config
 from .errors import MmsaeError
-from .hooks import edit
+from .intervene import Generation, Intervention, Mode, Span, check_features, generate_inputs
 from .io import append_jsonl, check_own_file, ensure_dir, latest_rows, read_jsonl, write_json
-from .models.sites import resolve_layer
+from .models.sites import check_sae_site
 from .runtime import check_dtype, out_of_memory_guard, resolve_device
 
-Mode = Literal["clamp", "add", "scale"]
-Span = Literal["all", "image", "text", "prompt", "generated"]
-SPANS = ("all", "image", "text", "prompt", "generated")
-MODES = ("clamp", "add", "scale")
-
-
-@dataclass
-class Intervention:
-    """One feature edit: ``clamp`` sets the activation to ``value``, ``add`` adds ``value`` times
-    the feature's decoder direction, ``scale`` multiplies the activation by ``value``."""
-
-    feature: int
-    value: float
-    mode: Mode = "clamp"
-
-
-# --- checks shared with attribution -----------------------------------------------------------
-
-
-def check_features(sae, features: Sequence[int]) -> None:
-    n = sae.cfg.num_latents
-    for f in features:
-        if not 0 <= int(f) < n:
-            raise MmsaeError(f"feature {f} is out of range: the SAE has {n} latents (0..{n - 1})")
-
-
-def decoder_directions(sae, features: Sequence[int]) -> torch.Tensor:
-    """Each feature's decoder direction [F, d] in float32, whatever the SAE's parameterisation."""
-    n = sae.cfg.num_latents
-    onehot = torch.zeros(len(features), n, device=_sae_device(sae))
-    onehot[torch.arange(len(features)), torch.as_tensor(list(features), dtype=torch.long)] = 1.0
-    with torch.no_grad():
-        directions = sae.decode(onehot) - sae.decode(torch.zeros_like(onehot))
-    return directions.to(work_dtype(directions.dtype))
-
-
-def feature_activations(sae, x: torch.Tensor, features: Sequence[int]) -> torch.Tensor:
-    """The SAE activations of ``features`` at every row of ``x`` [.., d] -> [.., F]."""
-    values, indices = sae.encode_sparse(x)
-    wanted = torch.as_tensor(list(features), dtype=indices.dtype, device=indices.device)
-    hit = indices.unsqueeze(-1) == wanted  # [.., k, F]
-    return (values.to(work_dtype(x.dtype)).unsqueeze(-1) * hit).sum(-2)
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least float32 (edits of bfloat16 states are computed in float32; float64 stays)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _sae_device(sae) -> torch.device:
-    return next(sae.parameters()).device
-
-
-# --- the edit applied at the hook point --------------------------------------------------------
-
-
-def span_mask(inputs, span: str) -> torch.Tensor:
-    """[batch, seq] True at the prompt positions that ``span`` covers (padding never)."""
-    attention = inputs.inputs["attention_mask"].bool()
-    mask = torch.zeros_like(attention)
-    if span in ("all", "prompt"):
-        return attention.clone()
-    if span == "generated":
-        return mask
-    for b, layout in enumerate(inputs.layouts):
-        positions = layout.positions if span == "image" else layout.text_positions
-        mask[b, positions.to(mask.device)] = True
-    return mask & attention
-
-
-class FeatureEditor:
-    """The function run on the hooked layer's output: edits latents, keeps the error term.
-
-    It follows positions across a ``generate`` call: a call with more than one token is a new
-    pass starting at position 0 (the prefill, or a plain forward), a one-token call continues
-    the previous pass (a decode step). Prompt positions are steered where ``prompt_mask`` is
-    True; positions past the prompt (generated tokens) when ``span`` covers them.
-    """
-
-    def __init__(self, sae, interventions: Sequence[Intervention], span: str = "all",
-                 prompt_mask: torch.Tensor | None = None):
-        if span not in SPANS:
-            raise MmsaeError(f"span '{span}' is not one of {', '.join(SPANS)}")
-        for iv in interventions:
-            if iv.mode not in MODES:
-                raise MmsaeError(f"mode '{iv.mode}' is not one of {', '.join(MODES)}")
-        if prompt_mask is None and span not in ("all",):
-            raise MmsaeError(f"span '{span}' needs the batch's inputs (to know which positions are image/text/prompt)")
-        check_features(sae, [iv.feature for iv in interventions])
-        self.sae = sae
-        self.interventions = list(interventions)
-        self.features = [iv.feature for iv in interventions]
-        self.span = span
-        self.prompt_mask = prompt_mask
-        self.directions = decoder_directions(sae, self.features) if interventions else None
-        self.position = 0
-
-    def positions_mask(self, batch: int, length: int, device) -> torch.Tensor:
-        start = 0 if length > 1 else self.position
-        self.position = start + length
-        if self.prompt_mask is None:  # span "all", no inputs given
-            return torch.ones(batch, length, dtype=torch.bool, device=device)
-        prompt_len = self.prompt_mask.shape[1]
-        covers_generated = self.span in ("all", "text", "generated")
-        mask = torch.full((batch, length), covers_generated, dtype=torch.bool, device=device)
-        in_prompt = max(0, min(prompt_len, start + length) - start)
-        if in_prompt:
-            mask[:, :in_prompt] = self.prompt_mask[:, start:start + in_prompt].to(device)
-        return mask
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        batch, length = hidden.shape[:2]
-        mask = self.positions_mask(batch, length, hidden.device)
-        if not self.interventions or not mask.any():
-            return hidden
-        x = hidden.to(work_dtype(hidden.dtype))
-        sae_device = _sae_device(self.sae)
-        with torch.no_grad():
-            old = feature_activations(self.sae, x.to(sae_device), self.features).to(x.device)  # [B, T, F]
-        new = old.clone()
-        for i, iv in enumerate(self.interventions):
-            if iv.mode == "clamp":
-                new[..., i] = iv.value
-            elif iv.mode == "add":
-                new[..., i] = old[..., i] + iv.value
-            else:
-                new[..., i] = old[..., i] * iv.value
-        coef = (new - old) * mask.unsqueeze(-1)  # zero off-span: those hidden states stay bit-exact
-        delta = coef @ self.directions.to(x)
-        return (x + delta).to(hidden.dtype)
-
-
-@contextmanager
-def steered(adapter, sae, interventions: Sequence[Intervention], span: str = "all", inputs=None,
-            layer: int | None = None) -> Iterator[FeatureEditor]:
-    """Apply ``interventions`` at the SAE's layer for every forward pass run inside the block.
-
-    ``inputs`` (the ``ModelInputs`` about to be run) tells which positions are image, text or
-    padding; it is required for any span but ``all``. Use one block per ``generate`` call.
-    """
-    layer = resolve_layer(adapter, sae, layer)
-    prompt_mask = span_mask(inputs, span) if inputs is not None else None
-    editor = FeatureEditor(sae, interventions, span, prompt_mask)
-    with edit(adapter.layer_module(layer), editor):
-        yield editor
-
-
-# --- generation -------------------------------------------------------------------------------
-
-
-@dataclass
-class Generation:
-    sequences: torch.Tensor  # [B, prompt + new] token ids
-    new_tokens: torch.Tensor  # [B, new]
-    new_mask: torch.Tensor  # [B, new] True up to and including the first end-of-sequence token
-    texts: list[str]
-
-
-def generate(adapter, inputs, max_new_tokens: int = 32, sae=None, interventions: Sequence[Intervention] = (),
-             span: str = "all", layer: int | None = None) -> Generation:
-    """Greedy generation, steered when ``sae`` and ``interventions`` are given."""
-    tok = adapter.tokenizer
-    eos = adapter.model.generation_config.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    with torch.no_grad():
-        if sae is not None and interventions:
-            with steered(adapter, sae, interventions, span=span, inputs=inputs, layer=layer):
-                seq = adapter.model.generate(**inputs.inputs, **kwargs)
-        else:
-            seq = adapter.model.generate(**inputs.inputs, **kwargs)
-    prompt_len = inputs.inputs["input_ids"].shape[1]
-    new = seq[:, prompt_len:]
-    eos_ids = torch.as_tensor(eos if isinstance(eos, list) else [eos] if eos is not None else [], device=new.device)
-    is_eos = torch.isin(new, eos_ids) if len(eos_ids) else torch.zeros_like(new, dtype=torch.bool)
-    # True up to and including the first EOS: the count of EOS strictly before each position is 0
-    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
-    new_mask = before == 0
-    texts = [tok.decode(row[m], skip_special_tokens=True).strip() for row, m in zip(new, new_mask)]
-    return Generation(seq, new, new_mask, texts)
+__all__ = ["Intervention", "SteerConfig", "steer", "sweep", "run_batches", "build_interventions", "perplexity"]
 
 
 def perplexity(adapter, inputs, gen: Generation) -> list[float]:
@@ -259,7 +78,8 @@ class SteerConfig:
     max_new_tokens: int = field(default=32, metadata={"help": "tokens to generate", "min": 1})
     index: Optional[str] = field(default=None, metadata={
         "help": "feature index folder: clamp/add values become multiples of each feature's max activation"})
-    layer: Optional[int] = field(default=None, metadata={"help": "layer, if the SAE's cfg does not record it", "min": 0})
+    site: Optional[str] = field(default=None, metadata={
+        "help": "the SAE's site (lm:L, vision:L, projector; a number is lm:L) if its cfg records none"})
     sweep: list[float] = field(default_factory=list, metadata={
         "help": "sweep these values for the (single) feature: concept rate and fluency per value, with a plot"})
     keywords: list[str] = field(default_factory=list, metadata={
@@ -322,13 +142,14 @@ def side_by_side(left: str, right: str, width: int = 48) -> str:
 
 
 def run_batches(adapter, images, prompts, batch_size: int, max_new_tokens: int, sae=None,
-                interventions: Sequence[Intervention] = (), span: str = "all", layer: int | None = None,
-                with_perplexity: bool = False):
-    """Generate over prompts in batches; returns texts (and clean perplexities if asked)."""
+                interventions: Sequence[Intervention] = (), span: str = "all", with_perplexity: bool = False):
+    """Generate over prompts in batches, steered when ``sae`` and ``interventions`` are given
+    (the SAE at its own site, see ``mmsae.intervene``); returns texts (and clean perplexities if asked)."""
     texts, ppl = [], []
+    saes = {sae: list(interventions)} if sae is not None and interventions else None
     for i in range(0, len(prompts), batch_size):
         inputs = adapter.build_inputs(images[i:i + batch_size], prompts[i:i + batch_size])
-        gen = generate(adapter, inputs, max_new_tokens, sae, interventions, span, layer)
+        gen = generate_inputs(adapter, inputs, max_new_tokens, saes, span)
         texts += gen.texts
         if with_perplexity:
             ppl += perplexity(adapter, inputs, gen)
@@ -362,7 +183,7 @@ def openai_judge(model: str, base_url: str | None = None, concept: str = "") -> 
 
 def sweep(adapter, sae, feature: int, values: Sequence[float], prompts: Sequence[str], images=None,
           keywords: Sequence[str] = (), mode: str = "clamp", span: str = "all", max_new_tokens: int = 32,
-          batch_size: int = 8, layer: int | None = None, value_scale: float = 1.0,
+          batch_size: int = 8, value_scale: float = 1.0,
           judge: Callable[[str], bool] | None = None) -> list[dict]:
     """For each value: how often the outputs express the concept, and their mean clean perplexity.
 
@@ -376,7 +197,7 @@ def sweep(adapter, sae, feature: int, values: Sequence[float], prompts: Sequence
     rows = []
     for value in [None, *values]:
         ivs = [] if value is None else build_interventions([feature], [value], mode, [value_scale])
-        texts, ppl = run_batches(adapter, images, list(prompts), batch_size, max_new_tokens, sae, ivs, span, layer,
+        texts, ppl = run_batches(adapter, images, list(prompts), batch_size, max_new_tokens, sae, ivs, span,
                                  with_perplexity=True)
         hits = [judge(t) if judge is not None else expresses(t, keywords) for t in texts]
         finite = [p for p in ppl if math.isfinite(p)]
@@ -390,17 +211,15 @@ def sweep(adapter, sae, feature: int, values: Sequence[float], prompts: Sequence
 
 def plot_sweep(rows: list[dict], path: str | Path, keywords: Sequence[str] = ()) -> None:
     """Concept rate and clean perplexity against the steering value (one PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     from .io import atomic_path
 
     steered_rows = [r for r in rows if r["value"] is not None]
     clean = next((r for r in rows if r["value"] is None), None)
     xs = [r["value"] for r in steered_rows]
-    fig, ax1 = plt.subplots(figsize=(6, 3.6), dpi=120)
+    fig = Figure(figsize=(6, 3.6), dpi=120)
+    ax1 = fig.subplots()
     ax1.plot(xs, [r["concept_rate"] for r in steered_rows], "o-", color="tab:blue", label="concept rate")
     ax1.set_xlabel(f"value ({steered_rows[0]['mode']})" if steered_rows else "value")
     ax1.set_ylabel("concept rate", color="tab:blue")
@@ -419,7 +238,6 @@ def plot_sweep(rows: list[dict], path: str | Path, keywords: Sequence[str] = ())
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def concept_keywords(explanations: str, feature: int) -> list[str]:
@@ -431,8 +249,9 @@ def concept_keywords(explanations: str, feature: int) -> list[str]:
     return [w for w in words if len(w) > 2]
 
 
-def load_model_and_sae(model: str, sae_path: str, device: str = "cpu", dtype: str = "float32"):
-    """The model in ``dtype`` on ``device`` (a ``--device`` value, checked), and the SAE beside it in float32."""
+def load_model_and_sae(model: str, sae_path: str, device: str = "cpu", dtype: str = "float32", site: str | None = None):
+    """The model in ``dtype`` on ``device`` (a ``--device`` value, checked), and the SAE beside it in
+    float32, checked to fit the model at its site (``site`` where its cfg records none)."""
     from .models import load_adapter
     from .sae import load_sae
 
@@ -440,6 +259,9 @@ def load_model_and_sae(model: str, sae_path: str, device: str = "cpu", dtype: st
     check_dtype(dtype, device)
     adapter = load_adapter(model, dtype=dtype, device=device)
     sae = load_sae(sae_path).to(device=adapter.device, dtype=torch.float32).eval()
+    if site is not None and sae.cfg.site is None:
+        sae.cfg.site = str(check_sae_site(sae, adapter, site))  # where the SAE is spliced in from here on
+    check_sae_site(sae, adapter, site)
     return adapter, sae
 
 
@@ -454,8 +276,8 @@ def steer(cfg: SteerConfig) -> list[dict]:
     if cfg.sweep:
         check_own_file(out / "sweep.json", ("feature", "keywords", "rows"))
     images = load_images(cfg.image, len(cfg.prompt))
-    adapter, sae = load_model_and_sae(cfg.model, cfg.sae, cfg.device, cfg.dtype)
-    layer = resolve_layer(adapter, sae, cfg.layer)
+    adapter, sae = load_model_and_sae(cfg.model, cfg.sae, cfg.device, cfg.dtype, cfg.site)
+    site = check_sae_site(sae, adapter)
     check_features(sae, cfg.feature)
     scales = relative_scale(cfg.index, cfg.feature) if cfg.index else None
     ivs = build_interventions(cfg.feature, cfg.value, cfg.mode, scales)
@@ -463,14 +285,13 @@ def steer(cfg: SteerConfig) -> list[dict]:
     lower = "--batch-size or --max-new-tokens"
     with out_of_memory_guard("steer", adapter.device, lower, resumes=False):
         clean, _ = run_batches(adapter, images, cfg.prompt, cfg.batch_size, cfg.max_new_tokens)
-        steered_texts, _ = run_batches(adapter, images, cfg.prompt, cfg.batch_size, cfg.max_new_tokens, sae, ivs,
-                                       cfg.span, layer)
+        steered_texts, _ = run_batches(adapter, images, cfg.prompt, cfg.batch_size, cfg.max_new_tokens, sae, ivs, cfg.span)
     desc = ", ".join(f"{iv.mode} f{iv.feature}={iv.value:g}" for iv in ivs)
     rows = []
     for i, (p, a, b) in enumerate(zip(cfg.prompt, clean, steered_texts)):
         print(f"[{i}] {p}\n    steering: {desc} on span '{cfg.span}'\n{side_by_side(a, b)}\n")
         rows.append({"prompt": p, "image": cfg.image[0] if len(cfg.image) == 1 else (cfg.image[i] if cfg.image else None),
-                     "interventions": [asdict(iv) for iv in ivs], "span": cfg.span, "layer": layer,
+                     "interventions": [{"feature": iv.feature, "value": iv.value, "mode": iv.mode} for iv in ivs], "span": cfg.span, "site": str(site), "layer": site.layer if site.kind == "lm" else None,
                      "relative_to_index": cfg.index is not None,
                      "clean": a, "steered": b, "model": cfg.model, "sae": cfg.sae})
     append_jsonl(out / "steering.jsonl", rows)
@@ -482,7 +303,7 @@ def steer(cfg: SteerConfig) -> list[dict]:
             raise MmsaeError("the judge needs the concept: give --keywords or --explanations")
         with out_of_memory_guard("steer --sweep", adapter.device, lower, resumes=False):
             sweep_rows = sweep(adapter, sae, cfg.feature[0], cfg.sweep, cfg.prompt, images, keywords, cfg.mode, cfg.span,
-                               cfg.max_new_tokens, cfg.batch_size, layer, scales[0] if scales else 1.0, judge)
+                               cfg.max_new_tokens, cfg.batch_size, scales[0] if scales else 1.0, judge)
         write_json(out / "sweep.json", {"feature": cfg.feature[0], "keywords": keywords,
                                         "judge": cfg.judge_model or "keywords", "rows": sweep_rows})
         plot_sweep(sweep_rows, out / "sweep.png", keywords)

@@ -87,14 +87,14 @@ def run_pipeline(cfg: DemoConfig, model_path: str, sizes: DemoSizes | None = Non
     stage("harvest", run / "activations" / "manifest.json", lambda: harvest(HarvestConfig(
         model=model_path, layer=cfg.layer, data=train_data, out=str(run / "activations"))))
 
-    from ..sae.train import TrainConfig, train
+    from ..train import TrainConfig, train
 
     stage("train", sae_dir / "sae.safetensors", lambda: train(TrainConfig(
         activations=str(run / "activations"), out=str(sae_dir), expansion=sizes.expansion,
         k=sizes.k, max_tokens=sizes.train_tokens, batch_size=sizes.batch_size, seed=seed,
         **sizes.train_options)))
 
-    from ..sae.metrics import EvaluateConfig, evaluate
+    from ..evaluate import EvaluateConfig, evaluate
 
     stage("evaluate", run / "metrics.json", lambda: evaluate(EvaluateConfig(
         sae=str(sae_dir), model=model_path, data=held_out, out=str(run / "metrics.json"),
@@ -123,7 +123,7 @@ def run_pipeline(cfg: DemoConfig, model_path: str, sizes: DemoSizes | None = Non
         judge="oracle", binarization="paper", seed=seed,
         ms_model=str(build_vision(Path(model_path).parent / "stages", progress=False)))))
 
-    from ..attribute import demo_steering
+    from .steering import demo_steering
 
     # --quick searches fewer targets and settings for the steering features.
     steer_search = dict(multiples=(4.0, 8.0), spans=("image",))

@@ -5,11 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
+from matplotlib.figure import Figure  # no pyplot: importing this changes no global backend or state
 
 PALETTE = ["#3367d6", "#e8710a", "#7cb342", "#8e24aa", "#757575"]
 CURVES = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction")]
@@ -18,7 +14,6 @@ CURVES = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dea
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=96, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _number(v) -> float | None:
@@ -30,7 +25,8 @@ def training_curves(log: list[dict], path: Path) -> list[str]:
     present = [(key, title) for key, title in CURVES if any(_number(r.get(key)) is not None for r in log)]
     if not present:
         return []
-    fig, axes = plt.subplots(1, len(present), figsize=(3.4 * len(present), 2.8), squeeze=False)
+    fig = Figure(figsize=(3.4 * len(present), 2.8))
+    axes = fig.subplots(1, len(present), squeeze=False)
     for ax, (key, title) in zip(axes[0], present):
         pts = [(r.get("step", i), _number(r.get(key))) for i, r in enumerate(log)]
         pts = [(s, v) for s, v in pts if v is not None and _number(s) is not None]
@@ -48,7 +44,8 @@ def training_curves(log: list[dict], path: Path) -> list[str]:
 
 def histograms(series: list[tuple[str, list, list, str]], path: Path, title: str) -> None:
     """Precomputed histograms ``(label, counts, edges, x label)`` drawn as steps on one axis."""
-    fig, ax = plt.subplots(figsize=(5.6, 2.9))
+    fig = Figure(figsize=(5.6, 2.9))
+    ax = fig.subplots()
     for i, (label, counts, edges, _) in enumerate(series):
         ax.stairs(counts, edges, label=label, linewidth=1.6, fill=len(series) == 1, color=PALETTE[i % len(PALETTE)])
     ax.set_title(title, fontsize=10)
@@ -68,7 +65,8 @@ def score_bars(table: dict[str, dict[str, dict[str, float]]], columns: list[str]
     ``table[scorer][baseline][column]`` is a mean; missing cells are left out.
     """
     scorers = list(table)
-    fig, axes = plt.subplots(1, len(scorers), figsize=(max(4.5, 0.9 * len(columns) + 2.5) * len(scorers) ** 0.8, 3.0), squeeze=False)
+    fig = Figure(figsize=(max(4.5, 0.9 * len(columns) + 2.5) * len(scorers) ** 0.8, 3.0))
+    axes = fig.subplots(1, len(scorers), squeeze=False)
     for ax, scorer in zip(axes[0], scorers):
         baselines = list(table[scorer])
         width = 0.8 / max(1, len(baselines))

@@ -27,7 +27,7 @@ from .kernels import sparse_encode
 
 if TYPE_CHECKING:
     from .model import SparseAutoencoder
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
 
 @dataclass

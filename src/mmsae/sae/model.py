@@ -13,7 +13,7 @@ JumpReLU and BatchTopK). Encoding subtracts ``b_dec`` first (the pre-encoder bia
 
 Matryoshka (``matryoshka_groups``, with topk or batchtopk) changes only the training loss: the
 latents form nested groups and every prefix of groups must reconstruct alone (see
-``mmsae.sae.train``). At inference it is exactly the TopK / BatchTopK SAE above.
+``mmsae.train``). At inference it is exactly the TopK / BatchTopK SAE above.
 
 Weights are always in the units of the raw activations: when training normalises its inputs
 (mean squared norm = d), the scale is folded into the biases afterwards (see ``fold_scale``).

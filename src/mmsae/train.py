@@ -40,16 +40,16 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from ..config import check_config
-from ..errors import MmsaeError
-from ..exclusion import TokenExclusion
-from ..io import (append_jsonl, check_own_file, claim_dir, ensure_dir, read_json, read_jsonl, save_tensors, write_json,
+from .config import check_config
+from .errors import MmsaeError
+from .exclusion import TokenExclusion
+from .io import (append_jsonl, check_own_file, claim_dir, ensure_dir, read_json, read_jsonl, save_tensors, write_json,
                   write_text)
-from ..runtime import barrier, check_dtype, init_distributed, out_of_memory_guard, resolve_device
-from .architectures import ARCHITECTURES, all_gather_cat, get_architecture
-from .kernels import sparse_decode, sparse_decode_groups, sparse_encode
-from .model import SaeConfig, SparseAutoencoder
-from .sources import ActivationSource, StoreSource, TensorSource, open_activation_source
+from .runtime import barrier, check_dtype, init_distributed, out_of_memory_guard, resolve_device
+from .sae.architectures import ARCHITECTURES, all_gather_cat, get_architecture
+from .sae.kernels import sparse_decode, sparse_decode_groups, sparse_encode
+from .sae.model import SaeConfig, SparseAutoencoder
+from .activation_sources import ActivationSource, StoreSource, TensorSource, open_activation_source
 
 
 @dataclass

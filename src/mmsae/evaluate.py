@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import check_config
-from ..errors import MmsaeError
-from ..exclusion import TokenExclusion, sequence_keep
-from ..io import check_own_file, write_json
-from ..models.sites import check_store_site
-from ..runtime import out_of_memory_guard, resolve_device
-from .formats import load_sae
-from .model import SparseAutoencoder
+from .config import check_config
+from .errors import MmsaeError
+from .exclusion import TokenExclusion, sequence_keep
+from .io import check_own_file, write_json
+from .models.sites import Site, check_store_site
+from .runtime import out_of_memory_guard, resolve_device
+from .sae.formats import load_sae
+from .sae.model import SparseAutoencoder
 
 DENSE_FREQUENCY = 0.1  # a latent firing on more than 10% of tokens counts as dense
 KINDS = ("all", "image", "text")
@@ -145,7 +145,7 @@ class _ReconByKind:
 
 
 def _store_reconstruction(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.device, rule: TokenExclusion) -> dict:
-    from ..activations import ActivationStore
+    from .activations import ActivationStore
 
     store = ActivationStore(cfg.activations)
     check_store_site(sae, store.cfg["site"], f"SAE {cfg.sae}", f"store {cfg.activations}")
@@ -182,10 +182,11 @@ def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.de
                    rule: TokenExclusion = TokenExclusion()) -> tuple[dict, dict | None]:
     """``spliced`` (and with a rule ``spliced_without_excluded``: the excluded positions keep the
     model's own activation), and the reconstruction entries when ``need_recon``."""
-    from ..data.sources import DEFAULT_PROMPT, open_source
-    from ..hooks import edit
-    from ..models import load_adapter
-    from ..models.sites import resolve_layer
+    from .data.sources import DEFAULT_PROMPT, open_source
+    from .hooks import capture
+    from .intervene import Rows, spliced
+    from .models import load_adapter
+    from .models.sites import resolve_layer
 
     adapter = load_adapter(cfg.model, device=str(device))
     layer = resolve_layer(adapter, sae, cfg.layer)
@@ -211,25 +212,16 @@ def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.de
         pred_mask = target_mask[:, 1:]
         targets = ids[:, 1:][pred_mask]
         n_targets += int(targets.numel())
-        captured = {}
 
-        def run(fn=None):
-            if fn is None:
-                with torch.no_grad():
-                    logits = adapter.model(**inputs.inputs, use_cache=False).logits
-            else:
-                with torch.no_grad(), edit(module, fn):
-                    logits = adapter.model(**inputs.inputs, use_cache=False).logits
+        def log_probs() -> torch.Tensor:
+            with torch.no_grad():
+                logits = adapter.model(**inputs.inputs, use_cache=False).logits
             return logits[:, :-1][pred_mask].float().log_softmax(-1)
 
-        def clean_capture(hidden):
-            captured["hidden"] = hidden
-            return hidden
-
-        clean = run(clean_capture)
-        hidden = captured["hidden"]
+        with capture(module) as captured:
+            clean = log_probs()
+        hidden = captured.outputs[0]
         keep = sequence_keep(rule, hidden, image_mask | text_mask, ids)
-        recon_full = sae(hidden.reshape(-1, hidden.shape[-1])).reshape(hidden.shape).to(hidden.dtype)
         if need_recon:
             flat = hidden.reshape(-1, hidden.shape[-1]).float()
             real = (image_mask | text_mask).reshape(-1)
@@ -240,13 +232,9 @@ def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.de
         for where, mask in (("image", image_mask), ("text", text_mask), ("all", image_mask | text_mask)):
             excluded[where] += int((mask & ~keep).sum())
             for suffix, at in (("", mask), ("_kept", mask & keep))[:len(suffixes)]:
-                for how in ("sae", "zero"):
-                    replacement = recon_full if how == "sae" else torch.zeros_like(hidden)
-
-                    def splice(h, at=at, replacement=replacement):
-                        return torch.where(at[..., None], replacement, h)
-
-                    logp = run(splice)
+                for how in ("sae", "zero"):  # the reconstruction (or zeros) at these positions only
+                    with spliced(adapter, sae, site=Site.lm(layer), replace=how, rows=Rows(prompt=at, generated=False)):
+                        logp = log_probs()
                     name = f"{how}_{where}{suffix}"
                     sums[name]["ce"] += float(-logp.gather(-1, targets[:, None]).sum())
                     sums[name]["kl"] += float(F.kl_div(logp, clean, log_target=True, reduction="sum"))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MmsaeError
-from ..exclusion import TokenExclusion
-from ..runtime import resolve_device
+from .errors import MmsaeError
+from .exclusion import TokenExclusion
+from .runtime import resolve_device
 
 
 class ActivationSource:
@@ -83,7 +83,7 @@ class StoreSource(ActivationSource):
     """A harvested ``ActivationStore`` (rank r reads its slice of each global batch)."""
 
     def __init__(self, path: str, tokens: str = "all", exclude: TokenExclusion = TokenExclusion()):
-        from ..activations import ActivationStore
+        from .activations import ActivationStore
 
         if not (Path(path) / "manifest.json").exists() and not any(Path(path).glob("progress-*.json")):
             raise MmsaeError(f"{path} is not an activation store (no manifest.json); run `mmsae harvest` first")
@@ -121,8 +121,8 @@ class LiveSource(ActivationSource):
 
     def __init__(self, model: str, layer: int, data: str, capacity: int, model_batch: int,
                  max_samples: int | None, prompt: str | None, device: str, exclude: TokenExclusion = TokenExclusion()):
-        from ..data.sources import DEFAULT_PROMPT, open_source
-        from ..models import load_adapter
+        from .data.sources import DEFAULT_PROMPT, open_source
+        from .models import load_adapter
 
         self.adapter = load_adapter(model, device=device)
         self.site = str(self.adapter.resolve_site(layer))
@@ -134,7 +134,7 @@ class LiveSource(ActivationSource):
         self.exclusion = exclude
 
     def _token_rows(self, rank: int, world: int) -> Iterator[torch.Tensor]:
-        from ..hooks import run_until
+        from .hooks import run_until
 
         while True:  # epochs over the data
             batch, produced, kept = [], False, 0
@@ -207,7 +207,7 @@ def open_activation_source(cfg) -> ActivationSource:
     if cfg.activations and str(cfg.activations).startswith("synthetic:"):
         if exclude:
             raise MmsaeError(f"{exclude.describe()} needs an activation store or a live model; synthetic activations have no sequences")
-        from .synthetic import SyntheticConfig, generate
+        from .sae.synthetic import SyntheticConfig, generate
 
         acts, _ = generate(SyntheticConfig.from_spec(cfg.activations))
         return TensorSource(acts, name=cfg.activations)
