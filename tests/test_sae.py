@@ -196,7 +196,8 @@ def test_loads_saelens_pre_v6_and_no_b_dec_on_input(tmp_path):
                                                  "apply_b_dec_to_input": False, "normalize_activations": "none"}))
     save_file({"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec}, str(folder / "sae_weights.safetensors"))
     sae = load_sae(folder)
-    assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.layer, sae.cfg.model) == ("topk", 3, 5, "gpt2")
+    # hook_resid_pre of block 5 reads the output of block 4: mmsae's layer 4 (SAELens' hook_point_layer says 5)
+    assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.layer, sae.cfg.model) == ("topk", 3, 4, "gpt2")
     x = torch.randn(6, d)
     pre = x @ w_enc + b_enc  # no b_dec subtracted on the way in
     top = pre.topk(3, dim=-1)

@@ -120,8 +120,12 @@ def _with_weights(sae_cfg: SaeConfig, tensors: dict, path: Path) -> SparseAutoen
 
 
 def _saelens_layer(hook_name: str | None) -> int | None:
-    match = re.search(r"(?:blocks|layers)\.(\d+)", hook_name or "")
-    return int(match.group(1)) if match else None
+    """The decoder layer whose output a SAELens hook reads (hook_resid_pre of block L is the
+    output of layer L - 1), or None."""
+    match = re.search(r"(?:blocks|layers)\.(\d+)(\.hook_resid_pre$)?", hook_name or "")
+    if not match:
+        return None
+    return int(match.group(1)) - (1 if match.group(2) else 0)
 
 
 def _load_saelens(folder: Path, cfg: dict) -> SparseAutoencoder:
@@ -165,11 +169,14 @@ def _load_saelens(folder: Path, cfg: dict) -> SparseAutoencoder:
     if architecture != "topk":  # SAELens keeps no k for a threshold SAE: mmsae's, else a width for encode_sparse
         k = mmsae_keys.get("k") or k or min(n, 64)
     hook_name = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
-    layer = mmsae_keys.get("layer", meta.get("hook_layer", cfg.get("hook_point_layer", cfg.get("hook_layer"))))
+    # SAELens' hook_layer is the block of the hook (for hook_resid_pre one past mmsae's layer): the name says which
+    layer = mmsae_keys.get("layer", _saelens_layer(hook_name))
+    if layer is None:
+        layer = meta.get("hook_layer", cfg.get("hook_point_layer", cfg.get("hook_layer")))
     sae_cfg = SaeConfig(
         d_in=d, num_latents=n, k=int(k or 32), architecture=ours,
         model=mmsae_keys.get("model") or meta.get("model_name") or cfg.get("model_name"),
-        layer=layer if layer is not None else _saelens_layer(hook_name),
+        layer=layer,
         hook_point=mmsae_keys.get("hook_point") or hook_name, site=mmsae_keys.get("site"),
         input_scale=float(mmsae_keys.get("input_scale", 1.0)), matryoshka_groups=mmsae_keys.get("matryoshka_groups"),
         token_exclusion=mmsae_keys.get("token_exclusion"))
