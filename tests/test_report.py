@@ -334,3 +334,29 @@ def test_serves_on_localhost(site):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_report_puts_an_sae_of_another_site_beside_this_one(tmp_path):
+    run = make_run(tmp_path)
+    sub = run / "vision-1"  # what `mmsae demo` writes for its vision-tower SAE: a run folder of its own
+    (sub / "sae").mkdir(parents=True)
+    write_json(sub / "sae" / "cfg.json", {"d_in": 8, "num_latents": 24, "k": 2, "architecture": "topk", "site": "vision:1"})
+    ious = [0.5, 0.7, 0.9]
+    append_jsonl(sub / "explanations.jsonl", [{"feature": f, "explanation": f"concept {f}", "concept": ["red", "disc", HOSTILE][f]}
+                                              for f in range(3)])
+    append_jsonl(sub / "scores.jsonl", [{"feature": f, "scorer": "iou", "baseline": b, "value": v if b == "none" else 0.02,
+                                         "category": "colour", "details": {}}
+                                        for f, v in enumerate(ious) for b in ("none", "shuffled")])
+    write_json(sub / "steering" / "demo_steering.json", {"targets": [
+        {"kind": "colour", "target": "red", "feature": 2, "success": 0.5}, {"kind": "shape", "target": "star", "feature": 1, "success": 1.0}]})
+    build_dashboard(DashboardConfig(run=str(run)))
+    report = (run / "site" / "report.html").read_text()
+    section = report[report.index("Sites side by side"):]
+    section = section[:section.index("</section>")]
+    assert "lm:2 (this report)" in section and "../vision-1/site/report.html" in section and ">vision:1<" in section
+    # the vision SAE's figures, computed by hand: mean IoU 0.7 of three features, the best one (#2), steering 75%
+    assert "0.700 [" in section and "0.020" in section and "#2, IoU 0.900" in section
+    assert "0.75" in section and "red 50%, star 100%" in section
+    assert "<script>window.pwned" not in section  # the best concept is a hostile string, escaped
+    # the main run's own column: its IoU mean over six features is 0.35
+    assert "0.350 [" in section

@@ -119,7 +119,7 @@ def test_one_check_refuses_other_sites_and_widths_and_reads_released_namings(tmp
         check_sae_site(saved(tmp_path, "bare", d), adapter)
     vision = saved(tmp_path, "vision", adapter.vision_width(), site="vision:1")
     assert check_sae_site(vision, adapter) == Site.vision(1)
-    with pytest.raises(MmsaeError, match=r"^the SAE reads vision:1: .* not yet supported at vision sites"):
+    with pytest.raises(MmsaeError, match=r"^the SAE reads vision:1: the spliced next-token loss is measured at lm:L sites only"):
         resolve_layer(adapter, vision)
     # an SAE folder from before sites were recorded (no "site" key) still loads and checks
     cfg = json.loads((tmp_path / "narrow" / "cfg.json").read_text())

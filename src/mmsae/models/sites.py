@@ -174,7 +174,8 @@ def resolve_layer(adapter, sae, layer: int | str | None = None) -> int:
     width fit this model (``layer``: a layer or site name to use, None: the SAE's own)."""
     site = check_sae_site(sae, adapter, layer)
     if site.kind != "lm":
-        raise MmsaeError(f"the SAE reads {site}: steering, attribution and evaluation are not yet supported at {site.kind} sites; use an SAE trained at an lm:L site")
+        raise MmsaeError(f"the SAE reads {site}: the spliced next-token loss is measured at lm:L sites only; "
+                         f"evaluate a {site.kind} SAE on its store (--activations)")
     return site.layer
 
 

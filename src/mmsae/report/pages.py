@@ -231,15 +231,23 @@ def _feature_links(features: list[int], pages: set[int]) -> str:
     return ", ".join(f"<a href='feature.html#{f}'>#{f}</a>" if f in pages else f"#{f}" for f in features)
 
 
+def _demo_steering(data: RunData) -> dict | None:
+    """The demo's steering search (demo_steering.json beside steering.jsonl, or in RUN/steering)."""
+    for folder in (data.steering_dir, data.run / "steering"):
+        path = folder / "demo_steering.json" if folder else None
+        if path is not None and path.exists():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+    return None
+
+
 def _demo_steering_table(data: RunData, pages: set[int]) -> str:
     """The demo's search for steering features: per target answer, the best clamp and its success rate."""
-    path = data.steering_dir / "demo_steering.json" if data.steering_dir else None
-    if path is None or not path.exists():
+    found = _demo_steering(data)
+    if found is None:
         return ""
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "<p class=muted>demo_steering.json could not be read</p>"
     targets = [t for t in found.get("targets") or [] if isinstance(t, dict)]
     body = "".join(
         f"<tr><td>{esc(t.get('kind', ''))}</td><td>{esc(t.get('target', ''))}</td>"
@@ -252,6 +260,48 @@ def _demo_steering_table(data: RunData, pages: set[int]) -> str:
             "answer becomes the target (the clean model's rate beside it).</p>"
             "<table class=rows><thead><tr><th>kind</th><th>target</th><th>feature</th><th>span</th><th>value</th>"
             f"<th>success</th><th>clean says target</th><th>scenes</th></tr></thead><tbody>{body}</tbody></table>")
+
+
+def site_summary(data: RunData) -> dict:
+    """One run's headline figures, for comparing SAEs at different sites: IoU of the explained
+    features against its baselines (mean [95% CI]), the best-scoring concept, steering success."""
+    from ..score.table import summarize
+
+    total = {(s["scorer"], s["baseline"]): s for s in summarize(data.scores) if s["category"] == "total"}
+
+    def iou(baseline: str) -> str | None:
+        s = total.get(("iou", baseline))
+        if s is None:
+            return None
+        return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if s["n"] > 1 else f"{s['mean']:.3f}"
+
+    ours = [r for r in data.scores if r["scorer"] == "iou" and r["baseline"] == "none" and isinstance(r.get("value"), (int, float))]
+    best = max(ours, key=lambda r: r["value"], default=None)
+    concept = None
+    if best is not None:
+        exp = data.explanations.get(best["feature"]) or {}
+        concept = f"{exp.get('concept') or best.get('concept') or _explanation_text(data, best['feature'])} (#{best['feature']}, IoU {best['value']:.3f})"
+    steering = _demo_steering(data) or {}
+    targets = [t for t in steering.get("targets") or [] if isinstance(t, dict) and isinstance(t.get("success"), (int, float))]
+    return {"site": data.site, "latents": data.num_latents, "features scored": (total.get(("iou", "none")) or {}).get("n"),
+            "IoU": iou("none"), "IoU, shuffled explanations": iou("shuffled"), "IoU, random images": iou("random_images"),
+            "best concept": concept,
+            "steering success (mean over targets)": sum(t["success"] for t in targets) / len(targets) if targets else None,
+            "steering per target": ", ".join(f"{t.get('target')} {t['success']:.0%}" for t in targets) or None}
+
+
+def _sites_section(data: RunData) -> str:
+    """This run's SAE beside the SAEs of other sites trained in it, one column each."""
+    runs = [data, *data.sub_runs]
+    rows = [site_summary(r) for r in runs]
+    keys = [k for k in rows[0] if any(r.get(k) is not None for r in rows)]
+    links = "".join(f"<th><a href='../{esc(r.run.name)}/site/report.html'>{esc(row['site'])}</a></th>" if r is not data
+                    else f"<th>{esc(row['site'])} (this report)</th>" for r, row in zip(runs, rows))
+    body = "".join(f"<tr><td>{esc(k)}</td>" + "".join(f"<td class=num>{esc(fmt(row.get(k)))}</td>" for row in rows) + "</tr>"
+                   for k in keys if k != "site")
+    return ("<p class=muted>The same data, model and recipe of explanation, scoring and steering, with the SAE at "
+            "different places in the model: where the concepts are cleanest.</p>"
+            f"<table class=rows><thead><tr><th></th>{links}</tr></thead><tbody>{body}</tbody></table>")
 
 
 def _steering_section(data: RunData, site: Path, pages: set[int]) -> str:
@@ -346,7 +396,7 @@ def write_report(site: Path, data: RunData, facts: dict, title: str, pages: set[
     sections = []
     run_info = {
         "run folder": str(data.run.resolve()),
-        "model": data.model, "layer": data.layer, "hook point": data.hook_point,
+        "model": data.model, "site": data.site, "layer": data.layer, "hook point": data.hook_point,
         "latents": data.num_latents,
         "features explained": facts.get("n_explained"),
         "dead features (in the index)": facts.get("n_dead") if facts.get("has_index") else None,
@@ -354,6 +404,8 @@ def write_report(site: Path, data: RunData, facts: dict, title: str, pages: set[
         "built": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     sections.append(("Run", kv_table({k: v for k, v in run_info.items() if v is not None})))
+    if data.sub_runs:
+        sections.append(("Sites side by side", _sites_section(data)))
     if data.missing or data.problems:
         items = "".join(f"<li>{esc(m)}</li>" for m in data.missing + data.problems)
         sections.append(("Not in this run", f"<ul class=missing>{items}</ul>"))

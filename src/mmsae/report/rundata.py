@@ -29,6 +29,7 @@ class RunData:
     attribution: Any = None
     attribution_dir: Path | None = None  # attribution.json names its heat-map PNGs relative to this
     demo_log: dict | None = None  # what `mmsae demo` records: sizes and seconds per stage
+    sub_runs: list[RunData] = field(default_factory=list)  # runs of other sites inside this one (RUN/vision-11)
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -46,6 +47,12 @@ class RunData:
     @property
     def layer(self) -> Any:
         return _first_key("layer", self.sae_cfg, self.index.cfg if self.index is not None else None, self.metrics)
+
+    @property
+    def site(self) -> str | None:
+        """The SAE's site (``lm:L``, ``vision:L``, ...); ``lm:LAYER`` for runs from before sites."""
+        site = _first_key("site", self.sae_cfg, self.index.cfg if self.index is not None else None, self.metrics)
+        return site if site is not None else (f"lm:{self.layer}" if self.layer is not None else None)
 
     @property
     def hook_point(self) -> Any:
@@ -114,4 +121,7 @@ def load_run(run: str | Path, sae: str | Path | None = None) -> RunData:
                                  lambda p: json.loads(p.read_text(encoding="utf-8")))
     if (run / "demo_log.json").exists():
         data.demo_log = _optional(data, run / "demo_log.json", "", read_json)
+    if sae is None:  # SAEs of other sites trained beside this one, each a run folder of its own
+        data.sub_runs = [load_run(p) for p in sorted(run.iterdir())
+                         if p.is_dir() and p != sae_dir and (p / "sae" / "cfg.json").exists()]
     return data
