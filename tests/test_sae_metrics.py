@@ -61,6 +61,52 @@ def test_spliced_loss_of_an_exact_and_of_a_zero_sae(tmp_path):
     assert recon["all"]["fvu"] < 1e-8 and recon["all"]["explained_variance"] > 1 - 1e-8
 
 
+def test_spliced_loss_at_a_vision_site_against_a_hand_made_splice(tmp_path):
+    """A vision:0 SAE: the exact one changes nothing, the zero one is zero-ablation of the patch
+    rows, which is computed here by hand (CLS rows untouched) from the model's own logits."""
+    from mmsae.data.sources import open_source
+    from mmsae.hooks import edit
+
+    adapter = tiny_adapter("llava")  # its projector reads block 0's output: vision:0 feeds the answer
+    d = adapter.vision_width()
+    for name, sae in (("exact", exact_sae(d, layer=None)), ("zero", zero_sae(d))):
+        sae.cfg.site, sae.cfg.layer = "vision:0", None
+        sae.save(tmp_path / name)
+    common = dict(model=tiny_model("llava"), data="shapes:3", max_samples=3, batch_size=3, progress=False)
+    exact = evaluate(EvaluateConfig(sae=str(tmp_path / "exact"), out=str(tmp_path / "e"), **common))
+    zero = evaluate(EvaluateConfig(sae=str(tmp_path / "zero"), out=str(tmp_path / "z"), **common))
+    assert set(exact["spliced"]) >= {"image", "all"} and "text" not in exact["spliced"]
+    assert abs(exact["spliced"]["image"]["ce_increase"]) < 1e-4 and exact["spliced"]["image"]["kl_sae"] < 1e-5
+    assert exact["reconstruction"]["image"]["fvu"] < 1e-8 and "text" not in exact["reconstruction"]
+    # by hand: zero the tower's patch rows (not CLS) at block 0, next-token loss on the text positions
+    samples = list(open_source("shapes:3").samples(stop=3))
+    inputs = adapter.build_inputs([s.image for s in samples], [s.text for s in samples])
+    rows = adapter.site_rows("vision:0", inputs)
+
+    def zero_patches(hidden):
+        flat = hidden.reshape(-1, hidden.shape[-1]).clone()
+        flat[rows.index] = 0
+        return flat.reshape(hidden.shape)
+
+    def loss(logits):
+        ids, targets = inputs.input_ids, torch.zeros_like(inputs.input_ids, dtype=torch.bool)
+        for b, layout in enumerate(inputs.layouts):
+            targets[b, layout.text_positions] = True
+        targets[:, 0] = False
+        logp = logits[:, :-1].float().log_softmax(-1)[targets[:, 1:]]
+        return float(-logp.gather(-1, ids[:, 1:][targets[:, 1:]][:, None]).mean())
+
+    with torch.no_grad(), edit(adapter.site_module("vision:0"), zero_patches):
+        ce_zero = loss(adapter.model(**inputs.inputs, use_cache=False).logits)
+    with torch.no_grad():
+        ce_clean = loss(adapter.model(**inputs.inputs, use_cache=False).logits)
+    for result in (zero, exact):
+        assert result["spliced"]["image"]["ce_zero_ablation"] == pytest.approx(ce_zero, abs=1e-5)
+        assert result["spliced"]["ce_clean"] == pytest.approx(ce_clean, abs=1e-5)
+    assert zero["spliced"]["image"]["ce_sae"] == pytest.approx(ce_zero, abs=1e-5) and abs(ce_zero - ce_clean) > 1e-3
+    assert zero["spliced"]["all"] == zero["spliced"]["image"]
+
+
 def write_store(path, acts: torch.Tensor, is_image: torch.Tensor) -> None:
     path.mkdir(parents=True)
     n = len(acts)

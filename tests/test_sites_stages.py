@@ -13,7 +13,7 @@ from PIL import Image
 from mmsae.activations import ActivationStore, HarvestConfig, harvest
 from mmsae.cli import main as cli_main
 from mmsae.errors import MmsaeError
-from mmsae.models.sites import Site, check_sae_site, resolve_layer
+from mmsae.models.sites import Site, check_sae_site
 from mmsae.sae import SaeConfig, SparseAutoencoder, load_sae, save_sae
 from mmsae.train import TrainConfig, train
 from tiny_models import tiny_adapter, tiny_model
@@ -106,12 +106,11 @@ def test_one_check_refuses_other_sites_and_widths_and_reads_released_namings(tmp
     released = saved(tmp_path, "released", d, hook_point="model.layers.1")  # the paper's release: no layer
     assert released.cfg.layer is None and released.cfg.site is None
     assert check_sae_site(released, adapter) == Site.lm(1) == check_sae_site(released, adapter, "lm:1")
-    assert resolve_layer(adapter, released) == 1
     with pytest.raises(MmsaeError, match=r"^SAE X was trained at lm:1 but --site is lm:2; ") as e:
         check_sae_site(released, adapter, "lm:2", name="SAE X")
     assert "\n" not in str(e.value)
     with pytest.raises(MmsaeError, match=r"^the SAE was trained at lm:1 but --site is lm:0"):
-        resolve_layer(adapter, released, 0)  # steer / attribute / evaluate --layer go through the same check
+        check_sae_site(released, adapter, 0)  # steer / attribute / evaluate --layer / --site go through the same check
     narrow = saved(tmp_path, "narrow", d // 2, layer=1)
     with pytest.raises(MmsaeError, match=rf"^the SAE has input width d_in={d // 2} but lm:1 of .* has width {d}; "):
         check_sae_site(narrow, adapter)
@@ -119,8 +118,6 @@ def test_one_check_refuses_other_sites_and_widths_and_reads_released_namings(tmp
         check_sae_site(saved(tmp_path, "bare", d), adapter)
     vision = saved(tmp_path, "vision", adapter.vision_width(), site="vision:1")
     assert check_sae_site(vision, adapter) == Site.vision(1)
-    with pytest.raises(MmsaeError, match=r"^the SAE reads vision:1: the spliced next-token loss is measured at lm:L sites only"):
-        resolve_layer(adapter, vision)
     # an SAE folder from before sites were recorded (no "site" key) still loads and checks
     cfg = json.loads((tmp_path / "narrow" / "cfg.json").read_text())
     cfg.pop("site")

@@ -30,7 +30,7 @@ from .config import check_config
 from .errors import MmsaeError
 from .exclusion import TokenExclusion, sequence_keep
 from .io import check_own_file, write_json
-from .models.sites import Site, check_store_site
+from .models.sites import check_store_site
 from .runtime import out_of_memory_guard, resolve_device
 from .sae.formats import load_sae
 from .sae.model import SparseAutoencoder
@@ -46,7 +46,7 @@ class EvaluateConfig:
     model: str | None = field(default=None, metadata={"help": "model id or folder (for the spliced-in loss and live activations)"})
     data: str | None = field(default=None, metadata={"help": "data source spec (image folder, .jsonl, HF dataset, shapes:N)"})
     activations: str | None = field(default=None, metadata={"help": "activation store to measure reconstruction on (instead of running the model)"})
-    layer: int | None = field(default=None, metadata={"help": "layer to splice at (default: the SAE's recorded layer)", "min": 0})
+    layer: int | None = field(default=None, metadata={"help": "layer to splice at if the SAE records no site (lm:LAYER)", "min": 0})
     hook_point: str | None = field(default=None, metadata={"help": "sub-folder of a multi-hook-point SAE repo"})
     max_samples: int = field(default=64, metadata={"help": "samples of --data to evaluate on", "min": 1})
     max_tokens: int = field(default=200_000, metadata={"help": "tokens of --activations to evaluate on", "min": 1})
@@ -184,19 +184,25 @@ def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.de
     model's own activation), and the reconstruction entries when ``need_recon``."""
     from .data.sources import DEFAULT_PROMPT, open_source
     from .hooks import capture
-    from .intervene import Rows, spliced
+    from .intervene import Rows, site_rows_mask, spliced
     from .models import load_adapter
-    from .models.sites import resolve_layer
+    from .models.sites import check_sae_site
 
     adapter = load_adapter(cfg.model, device=str(device))
-    layer = resolve_layer(adapter, sae, cfg.layer)
-    module = adapter.layer_module(layer)
+    site = check_sae_site(sae, adapter, cfg.layer)
+    lm = site.kind == "lm"
+    if not lm and rule:
+        raise MmsaeError(f"token exclusion ({rule.describe()}) is for lm sites; the SAE reads {site}, which holds image patches only")
+    module = adapter.site_module(site)
     source = open_source(cfg.data, prompt=cfg.prompt or DEFAULT_PROMPT)
     recon_stats = _ReconByKind(sae.cfg.d_in, sae.cfg.num_latents, rule)
+    # an lm site is spliced at the image tokens, the text tokens or both; a vision or projector
+    # site holds the image patches only, so "image" and "all" are the same splice there
+    kinds = KINDS if lm else ("all", "image")
     suffixes = ("", "_kept") if rule else ("",)  # _kept: spliced only where the rule keeps the token
-    variants = ("clean", *(f"{how}_{where}{s}" for how in ("sae", "zero") for where in KINDS for s in suffixes))
+    variants = ("clean", *(f"{how}_{where}{s}" for how in ("sae", "zero") for where in kinds for s in suffixes))
     sums = {v: {"ce": 0.0, "kl": 0.0} for v in variants}
-    excluded = dict.fromkeys(KINDS, 0)
+    excluded = dict.fromkeys(kinds, 0)
     n_targets = 0
     samples = list(source.samples(stop=cfg.max_samples))
     if not samples:
@@ -220,24 +226,36 @@ def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.de
 
         with capture(module) as captured:
             clean = log_probs()
-        hidden = captured.outputs[0]
-        keep = sequence_keep(rule, hidden, image_mask | text_mask, ids)
-        if need_recon:
-            flat = hidden.reshape(-1, hidden.shape[-1]).float()
-            real = (image_mask | text_mask).reshape(-1)
-            recon, values, indices = _encode_batch(sae, flat[real])
-            recon_stats.add(flat[real], recon, values, indices, image_mask.reshape(-1)[real],
-                            keep.reshape(-1)[real] if rule else None)
+        if len(captured) == 0:  # a vision or projector site in a batch without images
+            splices = {}
+        elif lm:
+            hidden = captured.outputs[0]
+            keep = sequence_keep(rule, hidden, image_mask | text_mask, ids)
+            flat, real = hidden.reshape(-1, hidden.shape[-1]).float(), (image_mask | text_mask).reshape(-1)
+            x, is_image, kept = flat[real], image_mask.reshape(-1)[real], keep.reshape(-1)[real] if rule else None
+            splices = {}
+            for where, mask in (("image", image_mask), ("text", text_mask), ("all", image_mask | text_mask)):
+                excluded[where] += int((mask & ~keep).sum())
+                for suffix, at in (("", mask), ("_kept", mask & keep))[:len(suffixes)]:
+                    splices[f"{where}{suffix}"] = Rows(prompt=at, generated=False, site=site)
+        else:
+            rows = adapter.site_rows(site, inputs)
+            x, kept = rows.take(captured.outputs[0]).float(), None
+            is_image = torch.ones(len(x), dtype=torch.bool, device=x.device)
+            patches = site_rows_mask(adapter, site, inputs, "image")
+            splices = {"image": patches, "all": patches}
+        if need_recon and splices:
+            recon, values, indices = _encode_batch(sae, x)
+            recon_stats.add(x, recon, values, indices, is_image, kept)
         sums["clean"]["ce"] += float(-clean.gather(-1, targets[:, None]).sum())
-        for where, mask in (("image", image_mask), ("text", text_mask), ("all", image_mask | text_mask)):
-            excluded[where] += int((mask & ~keep).sum())
-            for suffix, at in (("", mask), ("_kept", mask & keep))[:len(suffixes)]:
-                for how in ("sae", "zero"):  # the reconstruction (or zeros) at these positions only
-                    with spliced(adapter, sae, site=Site.lm(layer), replace=how, rows=Rows(prompt=at, generated=False)):
-                        logp = log_probs()
-                    name = f"{how}_{where}{suffix}"
-                    sums[name]["ce"] += float(-logp.gather(-1, targets[:, None]).sum())
-                    sums[name]["kl"] += float(F.kl_div(logp, clean, log_target=True, reduction="sum"))
+        for name in variants[1:]:
+            how, where = name.split("_", 1)
+            logp = clean
+            if where in splices:  # the reconstruction (or zeros) at these rows only
+                with spliced(adapter, sae, site=site, replace=how, rows=splices[where]):
+                    logp = log_probs()
+            sums[name]["ce"] += float(-logp.gather(-1, targets[:, None]).sum())
+            sums[name]["kl"] += float(F.kl_div(logp, clean, log_target=True, reduction="sum"))
     if n_targets == 0:
         raise MmsaeError(f"data {cfg.data} has no text positions to measure next-token loss on")
     ce = {v: sums[v]["ce"] / n_targets for v in variants}
@@ -246,7 +264,7 @@ def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.de
         spliced = {"targets": n_targets, "ce_clean": ce["clean"]}
         if suffix:
             spliced["excluded_positions"] = excluded  # spliced nowhere: the model's own activation stays
-        for where in KINDS:
+        for where in kinds:
             ce_sae, ce_zero = ce[f"sae_{where}{suffix}"], ce[f"zero_{where}{suffix}"]
             gap = ce_zero - ce["clean"]
             spliced[where] = {"ce_sae": ce_sae, "ce_zero_ablation": ce_zero, "ce_increase": ce_sae - ce["clean"],
@@ -255,6 +273,8 @@ def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.de
                               "kl_zero_ablation": sums[f"zero_{where}{suffix}"]["kl"] / n_targets}
         out[name] = spliced
     recon = recon_stats.result(cfg.histogram_bins, f"data {cfg.data}") if need_recon else None
+    if recon is not None and not lm:  # no text rows at an image site
+        del recon["reconstruction"]["text"]
     return out, recon
 
 
@@ -306,7 +326,7 @@ def format_table(metrics: dict) -> str:
         if recon:
             lines += [title] if title else []
             for key in ("tokens", "fvu", "explained_variance", "l0", "alive_fraction", "dead_fraction", "dense_fraction"):
-                lines.append(f"{key:<26}" + "".join(f"{_fmt(recon[k].get(key)):>12}" for k in kinds))
+                lines.append(f"{key:<26}" + "".join(f"{_fmt(recon.get(k, {}).get(key)):>12}" for k in kinds))
     for name, title in (("spliced", "spliced at positions of:"),
                         ("spliced_without_excluded", "spliced at positions of, excluded tokens left as they are:")):
         spliced = metrics.get(name)
@@ -315,5 +335,5 @@ def format_table(metrics: dict) -> str:
                 lines.append(f"{'ce_clean (text targets)':<26}{_fmt(spliced['ce_clean']):>12}")
             lines.append(title)
             for key in ("ce_sae", "ce_increase", "ce_zero_ablation", "ce_recovered", "kl_sae", "kl_zero_ablation"):
-                lines.append(f"{key:<26}" + "".join(f"{_fmt(spliced[k].get(key)):>12}" for k in kinds))
+                lines.append(f"{key:<26}" + "".join(f"{_fmt(spliced.get(k, {}).get(key)):>12}" for k in kinds))
     return "\n".join(lines)

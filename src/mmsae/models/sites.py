@@ -169,16 +169,6 @@ def check_sae_site(sae, adapter, site: Site | str | int | None = None, name: str
     return wanted
 
 
-def resolve_layer(adapter, sae, layer: int | str | None = None) -> int:
-    """The decoder layer the SAE reads, after ``check_sae_site`` has checked that its site and
-    width fit this model (``layer``: a layer or site name to use, None: the SAE's own)."""
-    site = check_sae_site(sae, adapter, layer)
-    if site.kind != "lm":
-        raise MmsaeError(f"the SAE reads {site}: the spliced next-token loss is measured at lm:L sites only; "
-                         f"evaluate a {site.kind} SAE on its store (--activations)")
-    return site.layer
-
-
 def check_store_site(sae, store_site: str | None, name: str = "the SAE", store: str = "the store") -> None:
     """Without a model: refuse (one line) an SAE whose recorded site is not ``store_site``.
 
