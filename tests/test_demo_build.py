@@ -141,14 +141,14 @@ def test_resume_mid_training_matches_uninterrupted(tiny_parts, tmp_path, monkeyp
     other = tmp_path / "stages"
     shutil.copytree(stages / "vision", other / "vision")
     shutil.copytree(stages / "lm", other / "lm")
-    real_save = B._save_checkpoint
+    real_save = B.save_checkpoint
 
     def save_then_die(path, params, optimizer):
         real_save(path, params, optimizer)
         if path.name == "step-2.safetensors":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(B, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(B, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         B.train_weights(other, other / "vision", other / "lm", recipe, progress=False)
     monkeypatch.undo()

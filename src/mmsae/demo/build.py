@@ -397,7 +397,7 @@ def _fast_lm_dtype() -> torch.dtype:
         return torch.float32
 
 
-def _save_checkpoint(path: Path, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+def save_checkpoint(path: Path, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
     state = {f"param.{i}": p.detach().clone() for i, p in enumerate(params)}
     for i, p in enumerate(params):
         s = optimizer.state[p]
@@ -539,7 +539,7 @@ def train_weights(stage_dir: Path, vision_dir: Path, lm_dir: Path, recipe: Train
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % recipe.checkpoint_every == 0 or step == recipe.steps:
-            _save_checkpoint(work / f"step-{step}.safetensors", params, optimizer)
+            save_checkpoint(work / f"step-{step}.safetensors", params, optimizer)
             for old in work.glob("step-*.safetensors"):
                 if int(old.stem.split("-")[1]) < step:
                     old.unlink(missing_ok=True)
