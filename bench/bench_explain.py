@@ -5,7 +5,7 @@ request (default 0.5 s, like a fast hosted model); the index is a hand-made one 
 feature. Each row prints features/min and the ratio to the sequential run, next to the ideal
 (the concurrency itself, capped by the number of features). Explanation only (one request per
 feature) and with concept labels (two requests per feature). The server runs in its own process
-(``python -m mmsae.explain.fake_server``), so its work does not share the client's interpreter.
+(``tests/fake_server.py`` run as a script), so its work does not share the client's interpreter.
 
     python bench/bench_explain.py
     python bench/bench_explain.py --latency 1.0 --features 128
@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path.insert(0, str(TESTS))
 
 
 def main() -> None:
@@ -71,7 +72,7 @@ def main() -> None:
             base = None
             for conc in args.concurrency:
                 out = tmp / f"e-{conc}-{concepts}.jsonl"
-                server = subprocess.Popen([sys.executable, "-m", "mmsae.explain.fake_server", "--latency", str(args.latency)],
+                server = subprocess.Popen([sys.executable, str(TESTS / "fake_server.py"), "--latency", str(args.latency)],
                                           stdout=subprocess.PIPE, text=True)
                 try:
                     base_url = server.stdout.readline().strip()

@@ -165,7 +165,7 @@ def test_index_full_disk_exits_2_and_resumes(index_setup, tmp_path, monkeypatch,
 
 
 def test_explain_full_disk_keeps_whole_rows_and_resumes(tmp_path, monkeypatch, capsys):
-    from mmsae.explain.fake_server import FakeChatServer
+    from fake_server import FakeChatServer
     from test_explain import N_FEATURES, make_index
 
     index = make_index(tmp_path / "index")

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from fake_server import FakeChatServer
 from mmsae.errors import MmsaeError
-from mmsae.explain import ExplainConfig, explain, keyword_concept, parse_concept_reply, vote
-from mmsae.explain.fake_server import FakeChatServer
+from mmsae.demo.explainer import vote
+from mmsae.explain import ExplainConfig, explain, keyword_concept, parse_concept_reply
 from mmsae.explain.openai_client import OpenAIClient, TransientRequestError
 from mmsae.explain.prompts import DEFAULT_VERSION, load_template
 from mmsae.index import IndexWriter
@@ -261,7 +262,7 @@ def test_hf_backend_batches_on_a_llava(tiny_llava_index, tmp_path):
 def test_vote_counts_only_the_kinds_asked_for(tmp_path):
     import json
 
-    from mmsae.explain.backends import readable_kinds
+    from mmsae.demo.explainer import readable_kinds
 
     # every description hallucinates a handle: with parts untrusted, the shared colour wins
     descriptions = ["A red star with a handle.", "A red circle with a handle.", "A red square with a handle."]

@@ -20,10 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from fake_server import FakeChatServer
 from mmsae.errors import MmsaeError
 from mmsae.explain import ExplainConfig, explain
 from mmsae.explain.backends import ExplainRequest, OpenAIExplainer, threaded
-from mmsae.explain.fake_server import FakeChatServer
 from mmsae.explain.openai_client import FatalRequestError, OpenAIClient, RequestCancelled
 from test_explain import make_index
 

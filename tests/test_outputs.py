@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from fake_server import FakeChatServer
 from mmsae.activations import HarvestConfig, harvest
 from mmsae.cli import main as cli_main
 from mmsae.errors import MmsaeError
 from mmsae.explain import ExplainConfig, explain
-from mmsae.explain.fake_server import FakeChatServer
 from mmsae.index import IndexConfig, IndexWriter, build_index
 from mmsae.io import read_jsonl
 from mmsae.models.base import Tile, TokenLayout

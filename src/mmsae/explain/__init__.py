@@ -23,8 +23,7 @@ from ..config import check_config
 from ..errors import MmsaeError
 from ..io import append_jsonl, check_own_file, latest_rows, output_lock, read_jsonl
 from ..runtime import check_dtype, resolve_device
-from .backends import (DemoExplainer, Explainer, ExplainRequest, ExplainResult, HFExplainer, OpenAIExplainer,
-                       montage, vote)
+from .backends import Explainer, ExplainRequest, ExplainResult, HFExplainer, OpenAIExplainer, montage
 from .concepts import keyword_concept, parse_concept_reply
 from .openai_client import DEFAULT_BASE_URL, FatalRequestError, OpenAIClient, TransientRequestError, check_base_url
 from .prompts import DEFAULT_TEMPLATE, load_template, render
@@ -82,6 +81,8 @@ def make_explainer(cfg: ExplainConfig, index) -> Explainer:
             raise MmsaeError("the hf backend needs --model (a transformers image-text-to-text model id or path)")
         return HFExplainer(cfg.model, cfg.batch_size, cfg.max_new_tokens, cfg.dtype, device)
     if cfg.backend == "demo":
+        from ..demo.explainer import DemoExplainer  # demo-only code: imported only when chosen
+
         return DemoExplainer(cfg.model or index.cfg["model"], batch_size=cfg.batch_size, dtype=cfg.dtype, device=device,
                              max_new_tokens=min(cfg.max_new_tokens, 40))  # a shapes caption is about 20 tokens
     raise MmsaeError(f"explainer backend {cfg.backend!r} is unknown; use openai, hf or demo")
@@ -206,6 +207,6 @@ def _row(request: ExplainRequest, result: ExplainResult, cfg: ExplainConfig, bac
     }
 
 
-__all__ = ["DEFAULT_TEMPLATE", "DemoExplainer", "ExplainConfig", "ExplainRequest", "ExplainResult", "Explainer",
+__all__ = ["DEFAULT_TEMPLATE", "ExplainConfig", "ExplainRequest", "ExplainResult", "Explainer",
            "FatalRequestError", "HFExplainer", "OpenAIClient", "OpenAIExplainer", "TransientRequestError", "explain",
-           "keyword_concept", "make_explainer", "montage", "parse_concept_reply", "vote"]
+           "keyword_concept", "make_explainer", "montage", "parse_concept_reply"]

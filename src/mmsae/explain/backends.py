@@ -11,21 +11,17 @@ loses only the requests in flight.
 - :class:`HFExplainer`: a local transformers image-text-to-text model through
   ``mmsae.models.load_adapter``, batched; the top images go as one montage image, so any
   single-image model family works.
-- :class:`DemoExplainer`: offline, for the demo model. The demo model captions each top
-  example cropped to its activated region, and a deterministic vote keeps the words (colour,
-  texture, shape, part, scene) that most captions share (no majority: no concept). A small captioner plus a vote,
-  not a large model's judgement, and it says so in each row.
+
+The demo's offline backend (captions and a vote) is demo-only code: :mod:`mmsae.demo.explainer`.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-import torch
 from PIL import Image
 
 from ..errors import MmsaeError
@@ -231,17 +227,16 @@ def montage(images: list[Image.Image], tile: int = 336, gap: int = 8) -> Image.I
     return sheet
 
 
-def generate(adapter, images: list[Image.Image | None], prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy replies of an adapter's model to a batch of (image, prompt)."""
-    inputs = adapter.build_inputs(images, prompts)
-    with torch.inference_mode():
-        out = adapter.model.generate(**inputs.inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=adapter.tokenizer.pad_token_id)
-    new = out[:, inputs.inputs["input_ids"].shape[1]:]
-    return [" ".join(t.split()) for t in adapter.tokenizer.batch_decode(new, skip_special_tokens=True)]
+def one_line_replies(adapter, images: list[Image.Image | None], prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy replies (:func:`mmsae.intervene.generate`) to a batch of (image, prompt), with each run
+    of whitespace made one space: explanations are shown as one line, and the demo's vote reads words."""
+    from ..intervene import generate
+
+    return [" ".join(t.split()) for t in generate(adapter, images, prompts, max_new_tokens=max_new_tokens)]
 
 
-def _load(model: str, dtype: str, device: str):
+def load_image_text_model(model: str, dtype: str, device: str):
+    """The adapter of an image-text model for a local explainer (a text-only model is refused)."""
     from ..models import load_adapter
 
     adapter = load_adapter(model, dtype=dtype, device=device)
@@ -256,128 +251,18 @@ class HFExplainer(Explainer):
     def __init__(self, model: str, batch_size: int = 4, max_new_tokens: int = 96, dtype: str = "float32",
                  device: str = "cpu", tile: int = 336):
         self.model, self.batch_size, self.max_new_tokens, self.tile = model, batch_size, max_new_tokens, tile
-        self.adapter = _load(model, dtype, device)
+        self.adapter = load_image_text_model(model, dtype, device)
 
     def explain_batch(self, requests):
         sheets = [montage(r.images, self.tile) for r in requests]
         prompts = [r.prompt + " The images are shown side by side in one picture." for r in requests]
-        return [ExplainResult(t) for t in generate(self.adapter, sheets, prompts, self.max_new_tokens)]
+        return [ExplainResult(t) for t in one_line_replies(self.adapter, sheets, prompts, self.max_new_tokens)]
 
     def label_batch(self, explanations):
-        replies = generate(self.adapter, [None] * len(explanations),
-                           [CONCEPT_TEMPLATE.format(explanation=e) for e in explanations], 40)
+        replies = one_line_replies(self.adapter, [None] * len(explanations),
+                                   [CONCEPT_TEMPLATE.format(explanation=e) for e in explanations], 40)
         out = []
         for e, reply in zip(explanations, replies):
             concept, category = concept_words.parse_concept_reply(reply)
             out.append((concept, category) if concept else concept_words.keyword_concept(e))
-        return out
-
-
-DEMO_PROMPT = "Describe the image."
-DEMO_VERSION = "demo-caption-vote-v3"
-VOTE_KINDS = ("colour", "texture", "object", "part", "scene")
-# question types of the demo model's quality check -> the description words they measure
-QUESTION_KIND = {"colour": "colour", "shape": "object", "pattern": "texture", "scene": "scene"}
-
-
-def vote(descriptions: list[str], kinds: tuple[str, ...] = VOTE_KINDS) -> tuple[str, str | None, str | None, dict]:
-    """Merge per-example descriptions into the concept they most consistently share.
-
-    Returns ``(explanation, concept, category, votes)``. Words are grouped by kind (colour,
-    texture, object, part, scene) and each kind's most frequent word is its candidate; the
-    concept is the candidate named by the most descriptions, provided more than half name it
-    (ties go to the more specific kind: part, object, texture, colour, scene). An object takes
-    the colour and texture named at least as often, a part the object. Ranking by support rather
-    than by kind matters: five crops of a red feature may share "red" five times and, by the
-    crops' shape, "square" three times. ``kinds`` limits the vote to those kinds of words (for
-    a describer known to misread the others).
-    """
-    vocabularies = {"colour": concept_words.COLOUR_WORDS, "texture": concept_words.TEXTURE_WORDS - {"pattern", "patterned", "solid", "plain"},
-                    "object": concept_words.OBJECT_WORDS, "part": concept_words.PART_WORDS, "scene": concept_words.SCENE_WORDS}
-    vocabularies = {k: v for k, v in vocabularies.items() if k in kinds}  # other kinds: neither counted nor claimed
-    counts: dict[str, Counter] = {k: Counter() for k in VOTE_KINDS}
-    for d in descriptions:
-        words = {concept_words._SINGULAR.get(w, w) for w in concept_words._words(d)}
-        for kind, vocab in vocabularies.items():
-            counts[kind].update(w for w in words if w in vocab or w in {concept_words._SINGULAR.get(v, v) for v in vocab})
-    votes = {k: dict(c.most_common(3)) for k, c in counts.items() if c}
-    n = len(descriptions)
-    best = {k: counts[k].most_common(1)[0] if counts[k] else (None, 0) for k in VOTE_KINDS}
-    specificity = ("part", "object", "texture", "colour", "scene")
-    category = max(specificity, key=lambda k: (best[k][1], -specificity.index(k)))
-    defining, support = best[category]
-    if support <= n / 2:
-        if defining is None:
-            return "No shared concept: the descriptions name nothing in common.", None, None, votes
-        # no majority: the text says what came closest, but no concept is claimed
-        return f"No shared concept; closest: {defining} (named in {support} of {n} descriptions).", None, None, votes
-
-    def along(kind: str) -> str | None:  # a word of another kind named at least as often
-        word, count = best[kind]
-        return word if count >= support else None
-
-    if category == "part":
-        concept = " ".join(w for w in (along("object"), defining) if w)
-    elif category == "object":
-        concept = " ".join(w for w in (along("colour"), along("texture"), defining) if w)
-    else:
-        concept = defining
-    scene = best["scene"][0] if best["scene"][1] > n / 2 and category != "scene" else None
-    explanation = f"The highlighted regions show {concept}" + (f" {_scene_phrase(scene)}" if scene else "")
-    return f"{explanation} (shared by {support} of {n} example descriptions).", concept, category, votes
-
-
-def _image_key(image: Image.Image) -> str:
-    import hashlib
-
-    return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
-
-
-def _scene_phrase(scene: str) -> str:
-    return {"sky": "in the sky", "water": "on the water"}.get(scene, f"on the {scene}")
-
-
-def readable_kinds(model: str, threshold: float = 0.8) -> tuple[str, ...]:
-    """The description kinds a demo model reads reliably: those whose question type its build's
-    held-out check (``quality.json`` in the model folder) answered at least ``threshold``
-    correctly. Parts have no question and are never trusted; without a check, every kind."""
-    from pathlib import Path
-
-    from ..io import read_json
-
-    path = Path(model) / "quality.json"
-    if not path.is_file():
-        return VOTE_KINDS
-    by_type = read_json(path).get("by_type", {})
-    good = {QUESTION_KIND[t] for t, r in by_type.items() if t in QUESTION_KIND and r.get("accuracy", 0) >= threshold}
-    return tuple(k for k in VOTE_KINDS if k in good)
-
-
-class DemoExplainer(Explainer):
-    """The demo model captions each highlighted example; a majority vote merges the captions,
-    counting only the kinds of words (colour, shape, ...) the model was measured to read."""
-
-    name = "demo"
-
-    def __init__(self, model: str, batch_size: int = 8, max_new_tokens: int = 32, dtype: str = "float32", device: str = "cpu"):
-        self.model, self.batch_size, self.max_new_tokens = model, batch_size, max_new_tokens
-        self.adapter = _load(model, dtype, device)
-        self.kinds = readable_kinds(model)
-        self._captions: dict[str, str] = {}
-
-    def explain_batch(self, requests):
-        # features often share a region of an image: each distinct view is captioned once
-        views = {_image_key(im): im for r in requests for im in r.images}
-        todo = [k for k in views if k not in self._captions]
-        for start in range(0, len(todo), 16):
-            keys = todo[start:start + 16]
-            for k, caption in zip(keys, generate(self.adapter, [views[k] for k in keys], [DEMO_PROMPT] * len(keys), self.max_new_tokens)):
-                self._captions[k] = caption
-        out = []
-        for r in requests:
-            descriptions = [self._captions[_image_key(im)] for im in r.images]
-            explanation, concept, category, votes = vote(descriptions, self.kinds)
-            out.append(ExplainResult(explanation, concept, category,
-                                     {"descriptions": descriptions, "votes": votes, "kinds": list(self.kinds),
-                                      "method": DEMO_VERSION}))
         return out

@@ -121,12 +121,13 @@ def openai_asker(client, image_size: int | None = 512):
 
 def adapter_asker(adapter, max_new_tokens: int = 4, batch_size: int = 8):
     """``ask`` for :class:`ChatJudge`: greedy replies of a local image-text model (a ModelAdapter)."""
-    from ..explain.backends import generate
+    from ..intervene import generate
 
     def ask(images, questions):
         replies = []
         for i in range(0, len(images), batch_size):
-            replies += generate(adapter, images[i:i + batch_size], questions[i:i + batch_size], max_new_tokens)
+            replies += generate(adapter, images[i:i + batch_size], questions[i:i + batch_size],
+                                max_new_tokens=max_new_tokens)
         return replies
 
     return ask

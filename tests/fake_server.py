@@ -160,7 +160,7 @@ def _decodes(url: str) -> bool:
 
 
 def main() -> None:
-    """``python -m mmsae.explain.fake_server --latency 0.5``: serve until killed; prints the base URL."""
+    """``python tests/fake_server.py --latency 0.5``: serve until killed; prints the base URL."""
     import argparse
 
     p = argparse.ArgumentParser(description="a local fake OpenAI-compatible chat server (answers 'ok' after --latency)")
