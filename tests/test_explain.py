@@ -274,3 +274,17 @@ def test_vote_counts_only_the_kinds_asked_for(tmp_path):
         "colour": {"accuracy": 0.95}, "shape": {"accuracy": 0.9}, "pattern": {"accuracy": 0.16}, "scene": {"accuracy": 1.0}}}))
     assert readable_kinds(str(tmp_path)) == ("colour", "object", "scene")
     assert readable_kinds(str(tmp_path / "missing")) == ("colour", "texture", "object", "part", "scene")
+
+
+def test_vote_is_the_same_under_every_hash_seed():
+    """Ties are broken by the order words are first named, never by a set's hash order."""
+    import subprocess
+    import sys
+
+    probe = ("from mmsae.demo.explainer import vote; import json; "
+             "print(json.dumps(vote(['a yellow and black square', 'a black and yellow circle', 'a green square'])))")
+    outs = {subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
+    assert len(outs) == 1
+    explanation, concept, category, votes = json.loads(outs.pop())
+    assert list(votes["colour"]) == ["yellow", "black", "green"]  # yellow and black tie at 2: yellow is named first

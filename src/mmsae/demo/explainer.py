@@ -42,7 +42,9 @@ def vote(descriptions: list[str], kinds: tuple[str, ...] = VOTE_KINDS) -> tuple[
     vocabularies = {k: v for k, v in vocabularies.items() if k in kinds}  # other kinds: neither counted nor claimed
     counts: dict[str, Counter] = {k: Counter() for k in VOTE_KINDS}
     for d in descriptions:
-        words = {concept_words._SINGULAR.get(w, w) for w in concept_words._words(d)}
+        # each word once, in the order the description names it: a set's order changes with the
+        # process's hash seed, and Counter breaks ties by the order words were first counted
+        words = dict.fromkeys(concept_words._SINGULAR.get(w, w) for w in concept_words._words(d))
         for kind, vocab in vocabularies.items():
             counts[kind].update(w for w in words if w in vocab or w in {concept_words._SINGULAR.get(v, v) for v in vocab})
     votes = {k: dict(c.most_common(3)) for k, c in counts.items() if c}
