@@ -109,13 +109,18 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         "    train(TrainConfig(out=sys.argv[1] + '-' + arch, activations='synthetic:d=16,m=32,k=2,tokens=4096', expansion=2,\n"
         "                      k=2, batch_size=128, steps=6, warmup=2, lr=3e-3, dead_tokens=256, auxk_coefficient=1 / 32,\n"
         "                      progress=False,\n"
-        "                      log_every=3, init_tokens=512, architecture=arch))\n")
+        "                      log_every=3, init_tokens=512, architecture=arch))\n"
+        "train(TrainConfig(out=sys.argv[1] + '-grid', activations='synthetic:d=16,m=32,k=2,tokens=4096', expansion=2, k=[2, 3],\n"
+        "                  batch_size=128, steps=6, warmup=2, lr=3e-3, dead_tokens=256, auxk_coefficient=1 / 32, progress=False,\n"
+        "                  log_every=3, init_tokens=512))\n")
     run_in_one_and_two_processes(script, tmp_path)
-    for arch in ("topk", "batchtopk"):  # dead_tokens=256: AuxK is active from step 3 on
+    # dead_tokens=256: AuxK is active from step 3 on; a grid's members (mmsae.train grids) too
+    for arch in ("topk", "batchtopk", "grid/x2-k2", "grid/x2-k3"):
         a, b = weights(tmp_path / f"one-{arch}"), weights(tmp_path / f"two-{arch}")
         for name in a:
             assert torch.allclose(a[name], b[name], atol=1e-5), (arch, name, (a[name] - b[name]).abs().max())
         assert json.loads((tmp_path / f"two-{arch}" / "train_state.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "two-grid" / "grid.json").read_text())["complete"]
 
 
 def write_store(path: Path, acts: torch.Tensor, shard_size: int = 1000) -> None:

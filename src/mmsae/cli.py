@@ -11,10 +11,10 @@ import argparse
 import dataclasses
 import importlib
 import sys
-import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
+from .config import option_type
 from .errors import MmsaeError
 from .io import is_no_space, no_space_error
 
@@ -38,11 +38,8 @@ def _flag(name: str) -> str:
 
 
 def _unwrap_optional(tp: Any) -> Any:
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
+    # ``X | None`` -> X; ``X | list[X]`` (one value or several: a grid) -> list[X], a multi-value flag
+    return option_type(tp)[0]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:

@@ -7,7 +7,8 @@ option, in the field's metadata (the CLI reads only ``help`` and ``cli`` from it
 
 ``min`` and ``max`` are inclusive, ``gt`` is strict. Every number must be finite (unless the
 field says ``"finite": False``), an ``int`` option must be a whole number, and an option that
-may be ``None`` is not checked when it is. List options are checked element by element.
+may be ``None`` is not checked when it is. List options are checked element by element, and so
+are options typed ``X | list[X]`` (one value or several: a grid of runs, see ``mmsae.train``).
 """
 
 from __future__ import annotations
@@ -34,19 +35,25 @@ def _numeric_fields(cls: type) -> tuple[tuple[dataclasses.Field, type, bool], ..
     hints = typing.get_type_hints(cls)
     found = []
     for f in dataclasses.fields(cls):
-        tp, optional = _strip_none(hints[f.name])
+        tp, optional = option_type(hints[f.name])
         if get_origin(tp) in (list, tuple) and get_args(tp):
-            tp, _ = _strip_none(get_args(tp)[0])
+            tp, _ = option_type(get_args(tp)[0])
         if tp in (int, float):
             found.append((f, tp, optional))
     return tuple(found)
 
 
-def _strip_none(tp: Any) -> tuple[Any, bool]:
+def option_type(tp: Any) -> tuple[Any, bool]:
+    """``(the type an option's values take, whether it may be None)``: ``int | None`` -> ``(int, True)``;
+    ``int | list[int]`` (one value or several) -> ``(list[int], False)``, so it is checked and
+    parsed like a list option."""
     if get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
+        optional = len(args) < len(get_args(tp))
         if len(args) == 1:
-            return args[0], len(args) < len(get_args(tp))
+            return args[0], optional
+        if len(args) == 2 and get_origin(args[1]) is list and get_args(args[1]) == (args[0],):
+            return args[1], optional
     return tp, False
 
 

@@ -21,6 +21,10 @@ Several processes: run under ``torchrun --nproc-per-node N -m mmsae.cli train ..
 reads its slice of every global batch, gradients are all-reduced (averaged) after backward, and
 every normaliser (the batch variance, dead-latent firing, BatchTopK's cut-off) is reduced over
 ranks, so N processes compute what one process computes on the same global batch.
+
+Grids: several values of the options in ``GRID_OPTIONS`` (``--expansion 8 16 --k 16 32``) or
+several stores train one SAE per combination and store, in its own folder under ``--out``; the
+SAEs of one store step in turn on each batch, read once (see ``train``).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from .config import check_config
+from .config import check_config, flag
 from .errors import MmsaeError
 from .exclusion import TokenExclusion
 from .io import (append_jsonl, check_own_file, claim_dir, ensure_dir, read_json, read_jsonl, save_tensors, write_json,
@@ -48,25 +52,36 @@ from .io import (append_jsonl, check_own_file, claim_dir, ensure_dir, read_json,
 from .runtime import barrier, check_dtype, init_distributed, out_of_memory_guard, resolve_device
 from .sae.architectures import ARCHITECTURES, all_gather_cat, get_architecture
 from .sae.kernels import sparse_decode, sparse_decode_groups, sparse_encode
+from .sae.formats import load_sae
 from .sae.model import SaeConfig, SparseAutoencoder
 from .activation_sources import ActivationSource, StoreSource, TensorSource, open_activation_source
+from .models.sites import site_dirname
+
+# options that take several values: one SAE per combination, all trained from one pass over the data
+GRID_OPTIONS = ("architecture", "expansion", "num_latents", "k", "lr", "auxk_coefficient")
+
+
+def _values(value) -> list:
+    """An option's values: a grid option holds one value or a list of them."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 @dataclass
 class TrainConfig:
     out: str = field(metadata={"help": "folder for the trained SAE (cfg.json + sae.safetensors), checkpoints/ and train_log.jsonl"})
-    activations: str | None = field(default=None, metadata={"help": "activation store folder (from `mmsae harvest`), or synthetic:d=64,m=256,k=4,tokens=100000"})
+    activations: str | list[str] | None = field(default=None, metadata={"help": "activation store folder (from `mmsae harvest`), or synthetic:d=64,m=256,k=4,tokens=100000; several stores (the sites of one harvest, e.g. DIR/lm-2 DIR/vision-1) train the grid once per store, into --out/SITE"})
     model: str | None = field(default=None, metadata={"help": "live mode: model id or folder to harvest from on the fly (instead of --activations)"})
     layer: int | None = field(default=None, metadata={"help": "live mode: the layer whose output to train on", "min": 0})
     data: str | None = field(default=None, metadata={"help": "live mode: data source spec (image folder, .jsonl, HF dataset, shapes:N)"})
     tokens: Literal["all", "image", "text"] = field(default="all", metadata={"help": "which stored tokens to train on"})
     exclude_token_ids: list[int] | None = field(default=None, metadata={"help": "leave out tokens with these ids (e.g. BOS; a store must record token ids); recorded in the SAE's cfg.json", "min": 0})
     exclude_norm_above: float | None = field(default=None, metadata={"help": "leave out tokens whose norm is above this multiple of their sequence's median token norm (attention sinks; e.g. 10); recorded in the SAE's cfg.json", "gt": 1})
-    expansion: int = field(default=32, metadata={"help": "latents = expansion * activation width", "min": 1})
-    num_latents: int = field(default=0, metadata={"help": "number of latents (overrides --expansion when > 0)", "min": 0})
-    k: int = field(default=32, metadata={"help": "active latents per token (TopK, BatchTopK)", "min": 1})
-    architecture: str = field(default="topk", metadata={"help": f"SAE architecture: {', '.join(ARCHITECTURES)} (mmsae.sae.architectures)"})
-    lr: float | None = field(default=None, metadata={"help": "peak Adam learning rate (default 8e-4 / sqrt(latents / 2^14))", "gt": 0})
+    # the grid options (GRID_OPTIONS): several values train one SAE per combination, in one pass over the data
+    expansion: int | list[int] = field(default=32, metadata={"help": "latents = expansion * activation width (several values: a grid)", "min": 1})
+    num_latents: int | list[int] = field(default=0, metadata={"help": "number of latents (overrides --expansion when > 0; several values: a grid)", "min": 0})
+    k: int | list[int] = field(default=32, metadata={"help": "active latents per token (TopK, BatchTopK; several values: a grid)", "min": 1})
+    architecture: str | list[str] = field(default="topk", metadata={"help": f"SAE architecture: {', '.join(ARCHITECTURES)} (mmsae.sae.architectures; several: a grid)"})
+    lr: float | list[float] | None = field(default=None, metadata={"help": "peak Adam learning rate (default 8e-4 / sqrt(latents / 2^14); several values: a grid)", "gt": 0})
     batch_size: int = field(default=4096, metadata={"help": "tokens per optimiser step (global, over all processes)", "min": 1})
     max_tokens: int | None = field(default=None, metadata={"help": "stop after this many tokens (default: one pass over the store)", "min": 1})
     steps: int | None = field(default=None, metadata={"help": "stop after this many steps (overrides --max-tokens)", "min": 1})
@@ -75,7 +90,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed for the initialisation and the data order", "min": 0})
     checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps", "min": 1})
     log_every: int = field(default=10, metadata={"help": "append a train_log.jsonl row every N steps", "min": 1})
-    auxk_coefficient: float = field(default=0.0, metadata={"help": "weight of the AuxK loss that revives dead latents (default 0: off; the literature's value is 1/32)", "min": 0})
+    auxk_coefficient: float | list[float] = field(default=0.0, metadata={"help": "weight of the AuxK loss that revives dead latents (default 0: off; the literature's value is 1/32; several values: a grid)", "min": 0})
     dead_tokens: int | None = field(default=None, metadata={"help": "a latent is dead after this many tokens without firing; AuxK and resampling act on dead latents (default: a tenth of the run's tokens, at least 4 batches, at most 10M)", "min": 1})
     resample_every: int | None = field(default=None, metadata={"help": "every N steps, point dead latents at badly reconstructed inputs (Anthropic 2023 resampling; default: off)", "min": 1})
     resample_until: float = field(default=0.5, metadata={"help": "resample only during this first fraction of the run", "gt": 0, "max": 1})
@@ -102,8 +117,16 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
+        for name in (*GRID_OPTIONS, "activations"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                if not value:
+                    raise MmsaeError(f"{flag(name)} needs at least one value")
+                # one value is a plain run, recorded exactly as a plain value (cfg.json, train_state.json)
+                setattr(self, name, value[0] if len(value) == 1 else list(value))
         check_config(self)
-        get_architecture(self.architecture)  # an unknown name fails here, before any work
+        for arch in _values(self.architecture):
+            get_architecture(arch)  # an unknown name fails here, before any work
 
 
 # --- distributed ---------------------------------------------------------------------------------
@@ -297,12 +320,21 @@ def _check_resumable(meta: dict, cfg: TrainConfig, d: int, ckpt: Path) -> None:
 
 
 def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = None,
-          on_step: Callable[[int], None] | None = None) -> Path:
-    """Train an SAE; returns the output folder (cfg.json + sae.safetensors + train_log.jsonl).
+          on_step: Callable[[int], None] | None = None) -> SparseAutoencoder | dict[str, SparseAutoencoder]:
+    """Train an SAE into ``cfg.out`` (cfg.json + sae.safetensors + train_log.jsonl); returns it, as saved.
 
     ``source`` overrides ``cfg.activations`` (an in-memory [tokens, d] tensor or a source).
     ``on_step(steps_done)`` is called at the end of every step (after its log row and checkpoint);
     what it raises stops the run like a crash would (tests use it to interrupt one).
+
+    A grid (several values of an option in ``GRID_OPTIONS``, or several activation stores) trains
+    one SAE per combination and store, each in its own folder under ``cfg.out`` (``OUT/x8-k16``,
+    ``OUT/lm-2/x8-k16``; see ``grid_member_name``), and returns ``{folder under OUT: SAE}``.
+    The SAEs of one store train side by side on the same batches, each batch read once; each
+    keeps its own optimiser, schedule, dead-latent counters, checkpoints and log, so it ends with
+    the weights it would have reached alone, and a rerun resumes every member. ``OUT/grid.json``
+    and ``OUT/grid.md`` summarise the members (also printed). A member that diverges stops alone;
+    the others finish, then the run fails naming it.
     """
     device = resolve_device(cfg.device)
     if cfg.autocast:
@@ -312,10 +344,52 @@ def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = Non
         raise MmsaeError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     local_batch = cfg.batch_size // world
     out = Path(cfg.out)
+    combos = grid_combinations(cfg)
+    specs = _values(cfg.activations)
+    if source is not None and len(specs) > 1:
+        raise MmsaeError("give one activation source: source= or several --activations stores, not both")
+    sources = [_open_source(replace(cfg, activations=spec) if len(specs) > 1 else cfg, source) for spec in specs]
+    site_dirs = _site_dirs(sources, specs) if len(sources) > 1 else [""]
+    grid = len(combos) > 1 or len(sources) > 1
+    # every member's plan (and so every bad option) before any work: (folder under OUT, cfg, SaeConfig)
+    groups: list[tuple[ActivationSource, list[tuple[str, TrainConfig, SaeConfig]], int]] = []
+    for spec, src, site_dir in zip(specs, sources, site_dirs):
+        members = []
+        for name, member_cfg in combos:
+            rel = "/".join(part for part in (site_dir, name) if part)
+            if grid:
+                member_cfg = replace(member_cfg, out=str(out / rel), activations=spec)
+            member_cfg, sae_cfg, total_steps = _plan(member_cfg, src)
+            members.append((rel, member_cfg, sae_cfg))
+        groups.append((src, members, total_steps))
+    everyone = [m for _, members, _ in groups for m in members]
     if rank == 0:
-        claim_dir(out, "train", cfg.overwrite, legacy=_is_train_folder)
-        for name, keys in (("cfg.json", ("d_in",)), ("train_log.jsonl", ("step",)), ("train_state.json", ("steps",))):
-            check_own_file(out / name, keys)  # this run replaces them: never a user's file of that name
+        _claim_outputs(out, everyone, grid, cfg.overwrite)
+        if grid:  # written first, so the folder says it is a grid even if interrupted
+            write_json(out / "grid.json", {"complete": False, "members": [_grid_row(out, m, "pending") for m in everyone]})
+
+    threads = torch.get_num_threads()
+    failed: dict[str, str] = {}
+    try:  # (checkpoints written before running out of memory stay: a rerun resumes from the last)
+        settings = "--batch-size or --expansion (--num-latents)" + (", or train fewer SAEs at once" if grid else "")
+        with out_of_memory_guard("train", device, settings):
+            for src, members, total_steps in groups:
+                failed.update(_train(members, src, rank, world, device, local_batch, total_steps, threads, on_step, grid))
+    finally:
+        torch.set_num_threads(threads)
+    if not grid:
+        return load_sae(out)
+    if rank == 0:
+        _write_grid_summary(out, everyone, failed)
+    barrier(world)
+    if failed:
+        raise MmsaeError(f"{len(failed)} of {len(everyone)} SAEs diverged ({'; '.join(f'{k}: {v}' for k, v in failed.items())}); "
+                         f"lower --lr for them; the others are done (see {out / 'grid.md'})")
+    return {rel: load_sae(member_cfg.out) for rel, member_cfg, _ in everyone}
+
+
+def _open_source(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None) -> ActivationSource:
+    """The activation source of ``cfg`` (one store, synthetic, live) or the given one, checked."""
     if isinstance(source, torch.Tensor):
         source = TensorSource(source)
     source = source or open_activation_source(cfg)
@@ -324,6 +398,13 @@ def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = Non
     if isinstance(source, StoreSource) and not source.store.complete and not cfg.allow_partial:
         raise MmsaeError(f"activation store {source.store.path} is incomplete (its harvest did not finish); rerun the same "
                          "'mmsae harvest' to complete it, or pass --allow-partial to train on what it holds")
+    return source
+
+
+def _plan(cfg: TrainConfig, source: ActivationSource) -> tuple[TrainConfig, SaeConfig, int]:
+    """One SAE's settings on ``source``: (cfg with its schedule resolved, its SaeConfig, its steps);
+    a bad combination (k above the latents, a schedule longer than the run, a checkpoint of other
+    options in its folder) fails here, before any work."""
     d = source.d
     n_latents = cfg.num_latents or d * cfg.expansion
     if cfg.k > n_latents:
@@ -343,15 +424,121 @@ def train(cfg: TrainConfig, source: ActivationSource | torch.Tensor | None = Non
                          "lower --batch-size or pass --steps")
     cfg = resolve_schedule(cfg, total_steps)
     resample_steps(cfg, total_steps)  # a schedule longer than the run fails here, before any work
+    checkpoints = _checkpoint_dirs(Path(cfg.out)) if cfg.resume else []
+    if checkpoints:
+        _check_resumable(read_json(checkpoints[-1] / "state.json"), cfg, d, checkpoints[-1])
+    return cfg, sae_cfg, total_steps
 
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and n_latents * d < _SMALL_PROBLEM:
-        torch.set_num_threads(1)  # tiny matrices: thread hand-offs cost more than the work
-    try:  # (checkpoints written before running out of memory stay: a rerun resumes from the last)
-        with out_of_memory_guard("train", device, "--batch-size or --expansion (--num-latents)"):
-            return _train(cfg, source, sae_cfg, rank, world, device, local_batch, total_steps, out, on_step)
-    finally:
-        torch.set_num_threads(threads)
+
+def _claim_outputs(out: Path, members: list[tuple[str, TrainConfig, SaeConfig]], grid: bool, overwrite: bool) -> None:
+    """Make ``out`` (and, for a grid, each member's folder) this run's; a single SAE's folder is
+    never reused for a grid nor a grid's for a single SAE."""
+    if grid:
+        if (out / "cfg.json").exists() or _is_train_folder(out):
+            raise MmsaeError(f"{out} holds a single SAE, but a grid trains one SAE per folder under --out; choose a new --out")
+        claim_dir(out, "train", overwrite)
+        check_own_file(out / "grid.json", ("members",))
+        check_own_file(out / "grid.md", prefix=GRID_MD_TITLE)
+    elif (out / "grid.json").exists():
+        raise MmsaeError(f"{out} holds a grid of SAEs (grid.json); rerun the grid's options to resume it, train one member "
+                         "in its own folder, or choose a new --out")
+    for _, member_cfg, _ in members:
+        folder = Path(member_cfg.out)
+        claim_dir(folder, "train", overwrite, legacy=_is_train_folder)
+        for name, keys in (("cfg.json", ("d_in",)), ("train_log.jsonl", ("step",)), ("train_state.json", ("steps",))):
+            check_own_file(folder / name, keys)  # this run replaces them: never a user's file of that name
+
+
+# --- grids ---------------------------------------------------------------------------------------
+GRID_MD_TITLE = "# mmsae train grid"
+
+
+def grid_member_name(settings: dict, varying: set[str]) -> str:
+    """A grid member's folder under ``--out``: its size and k (``x8-k16``, or ``n4096-k16`` where
+    ``--num-latents`` gives the size), led by the architecture and followed by ``lr...`` and
+    ``auxk...`` where those vary in the grid (``batchtopk-x8-k16-lr0.001``)."""
+    parts = [settings["architecture"]] if "architecture" in varying else []
+    parts += [f"n{settings['num_latents']}" if settings["num_latents"] else f"x{settings['expansion']}", f"k{settings['k']}"]
+    if "lr" in varying:
+        parts.append(f"lr{settings['lr']:g}")
+    if "auxk_coefficient" in varying:
+        parts.append(f"auxk{settings['auxk_coefficient']:g}")
+    return "-".join(parts)
+
+
+def grid_combinations(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """``(folder name, cfg with one value per option)`` for every combination of the values of
+    ``GRID_OPTIONS``; ``[("", cfg)]`` when each option has one value (a plain run)."""
+    values = {name: _values(getattr(cfg, name)) for name in GRID_OPTIONS}
+    if all(len(v) == 1 for v in values.values()):
+        return [("", cfg)]
+    for name, v in values.items():
+        if len(set(v)) < len(v):
+            raise MmsaeError(f"{flag(name)} {' '.join(map(str, v))} names a value twice; give each value of a grid once")
+    varying = {name for name, v in values.items() if len(v) > 1}
+    combos: dict[str, TrainConfig] = {}
+    for combo in itertools.product(*values.values()):
+        settings = dict(zip(values, combo))
+        name = grid_member_name(settings, varying)
+        if name in combos:  # e.g. several --expansion with --num-latents, which overrides it
+            raise MmsaeError(f"the grid holds {name} twice: --expansion has no effect where --num-latents is given; "
+                             "give several values to one of them")
+        combos[name] = replace(cfg, **settings)
+    return list(combos.items())
+
+
+def _site_dirs(sources: list[ActivationSource], specs: list[str | None]) -> list[str]:
+    """The folder of each of several stores under ``--out``: its site (``lm-2``, ``vision-1``);
+    the stores must be of one model and at different sites."""
+    sites = {}
+    for source, spec in zip(sources, specs):
+        if not isinstance(source, StoreSource):
+            raise MmsaeError(f"several --activations must all be activation stores; {spec} is not")
+        site = source.site or (f"lm:{source.layer}" if source.layer is not None else None)
+        if site is None:
+            raise MmsaeError(f"activation store {spec} records no site or layer; train it on its own")
+        if site in sites:
+            raise MmsaeError(f"activation stores {sites[site]} and {spec} are both at {site}; give each site once")
+        sites[site] = spec
+    models = {str(s.model) for s in sources}
+    if len(models) > 1:
+        raise MmsaeError(f"the --activations stores come from different models ({', '.join(sorted(models))}); "
+                         "train each model's stores in its own run")
+    return [site_dirname(site) for site in sites]
+
+
+def _grid_row(out: Path, member: tuple[str, TrainConfig, SaeConfig], status: str) -> dict:
+    """One member's line of the grid summary: its settings and, once trained, its final figures
+    (the last train_log.jsonl row: the mean over the last --log-every steps)."""
+    rel, cfg, sae_cfg = member
+    folder = out / rel
+    row = {"folder": rel, "site": sae_cfg.site, "architecture": cfg.architecture, "latents": sae_cfg.num_latents,
+           "k": cfg.k, "lr": cfg.lr, "auxk_coefficient": cfg.auxk_coefficient, "status": status}
+    if status == "pending":
+        return row
+    log = read_jsonl(folder / "train_log.jsonl")
+    last = log[-1] if log else {}
+    state = read_json(folder / "train_state.json") if status == "done" else {}
+    row.update(lr=state.get("lr", cfg.lr), steps=last.get("step"), tokens=last.get("tokens"), fvu=last.get("fvu"),
+               l0=last.get("l0"), dead_fraction=last.get("dead_fraction"), seconds=state.get("run_seconds"))
+    return row
+
+
+def _write_grid_summary(out: Path, members: list[tuple[str, TrainConfig, SaeConfig]], failed: dict[str, str]) -> None:
+    """``OUT/grid.json`` (one row per member) and ``OUT/grid.md`` (the same as a table, printed)."""
+    rows = [_grid_row(out, m, failed.get(m[0], "done")) for m in members]
+    write_json(out / "grid.json", {"complete": not failed, "members": rows})
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"{GRID_MD_TITLE}: {out}", "",
+             "| SAE | site | architecture | latents | k | lr | FVU | L0 | dead | seconds | status |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['folder']} | {r['site'] or '-'} | {r['architecture']} | {r['latents']} | {r['k']} | {fmt(r['lr'], '.3g')} "
+                     f"| {fmt(r['fvu'], '.4f')} | {fmt(r['l0'], '.1f')} | {fmt(r['dead_fraction'], '.3f')} "
+                     f"| {fmt(r['seconds'], '.1f')} | {r['status']} |")
+    text = "\n".join(lines) + "\n"
+    write_text(out / "grid.md", text)
+    print(text, end="")
 
 
 def matryoshka_group_sizes(cfg: TrainConfig, n_latents: int) -> list[int] | None:
@@ -464,109 +651,179 @@ def annealed_k(cfg: TrainConfig, sae_cfg: SaeConfig, step: int) -> int:
 _SMALL_PROBLEM = 1 << 18
 
 
-def _train(cfg: TrainConfig, source: ActivationSource, sae_cfg: SaeConfig, rank: int, world: int, device: torch.device,
-           local_batch: int, total_steps: int, out: Path, on_step: Callable[[int], None] | None) -> Path:
-    d, n_latents = sae_cfg.d_in, sae_cfg.num_latents
-    torch.manual_seed(cfg.seed)
-    sae = SparseAutoencoder(sae_cfg, device=device)
-    sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
-    # 4x the 2e-4 of Gao et al. (2024): with AuxK off, it lowered held-out FVU in 30- and 300-step
-    # runs on real demo and text stores (bench/bench_sae_quality.py); with AuxK on, the demo's
-    # attention-sink residual drew the dead latents' AuxK updates and left more of them dead
-    peak_lr = cfg.lr if cfg.lr is not None else 8e-4 / math.sqrt(n_latents / 2**14)
-    opt = make_optimizer(sae, peak_lr)
+class _Diverged(MmsaeError):
+    """A member's loss became non-finite (its data was finite): in a grid only that member stops."""
 
-    train_cfg_dict = {k: v for k, v in asdict(cfg).items()}
-    state = {"tokens": 0, "input_scale": 1.0, "threshold_initialised": False, "train_cfg": train_cfg_dict,
-             "tokens_since_fired": torch.zeros(n_latents, dtype=torch.long, device=device), "resampled": 0}
-    start_step = 0
-    checkpoints = _checkpoint_dirs(out) if cfg.resume else []
-    if checkpoints:
-        meta = read_json(checkpoints[-1] / "state.json")
-        _check_resumable(meta, cfg, d, checkpoints[-1])
-        meta = _load_checkpoint(checkpoints[-1], sae, opt, device)
-        start_step = meta["step"]
-        state.update(tokens=meta["tokens"], input_scale=meta["input_scale"], threshold_initialised=meta["threshold_initialised"],
-                     tokens_since_fired=meta["tokens_since_fired"], resampled=meta.get("resampled", 0))
-        if rank == 0 and (out / "train_log.jsonl").exists():
+
+class _Member:
+    """One SAE being trained: its options (schedule resolved), folder, weights, optimiser and state."""
+
+    def __init__(self, rel: str, cfg: TrainConfig, sae_cfg: SaeConfig, device: torch.device):
+        self.rel, self.cfg, self.out = rel, cfg, Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+        self.sae = SparseAutoencoder(sae_cfg, device=device)
+        self.sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
+        n_latents = sae_cfg.num_latents
+        # 4x the 2e-4 of Gao et al. (2024): with AuxK off, it lowered held-out FVU in 30- and 300-step
+        # runs on real demo and text stores (bench/bench_sae_quality.py); with AuxK on, the demo's
+        # attention-sink residual drew the dead latents' AuxK updates and left more of them dead
+        self.peak_lr = cfg.lr if cfg.lr is not None else 8e-4 / math.sqrt(n_latents / 2**14)
+        self.opt = make_optimizer(self.sae, self.peak_lr)
+        self.state = {"tokens": 0, "input_scale": 1.0, "threshold_initialised": False, "train_cfg": asdict(cfg),
+                      "tokens_since_fired": torch.zeros(n_latents, dtype=torch.long, device=device), "resampled": 0}
+        self.model = SaeTrainingStep(self.sae, cfg)
+        self.log = _LogAccumulator()
+        self.start_step = 0
+        # tiny matrices: thread hand-offs cost more than the work
+        self.one_thread = device.type == "cpu" and n_latents * sae_cfg.d_in < _SMALL_PROBLEM
+        self.seconds = 0.0  # this session's time in its own steps
+        self.failed: str | None = None
+
+    def resume(self, ckpt: Path, rank: int, device: torch.device) -> None:
+        """Continue from checkpoint ``ckpt`` (``_plan`` checked that it is this SAE's)."""
+        meta = _load_checkpoint(ckpt, self.sae, self.opt, device)
+        self.start_step = meta["step"]
+        self.state.update(tokens=meta["tokens"], input_scale=meta["input_scale"], threshold_initialised=meta["threshold_initialised"],
+                          tokens_since_fired=meta["tokens_since_fired"], resampled=meta.get("resampled", 0))
+        if rank == 0 and (self.out / "train_log.jsonl").exists():
             # rows logged after the checkpoint are redone by this run
-            kept = [r for r in read_jsonl(out / "train_log.jsonl") if r.get("step", 0) <= start_step]
-            write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    else:
-        if rank == 0:  # a fresh run starts a fresh log and drops another run's checkpoints (only those)
-            (out / "train_log.jsonl").unlink(missing_ok=True)
-            _drop_checkpoints(out)
-        sample = source.sample(cfg.init_tokens, seed=cfg.seed).to(device)
-        _check_finite(sample, source, "the initialisation sample")
-        mean_sq = sample.pow(2).sum(-1).mean()
-        scale = float(math.sqrt(d / float(mean_sq))) if cfg.normalize_input and mean_sq > 0 else 1.0
-        sample = sample * scale
-        with torch.no_grad():
-            if cfg.b_dec_init == "geometric_median":
-                sae.b_dec.copy_(geometric_median(sample))
-            elif cfg.b_dec_init == "mean":
-                sae.b_dec.copy_(sample.mean(0))
-        state["input_scale"] = scale
+            kept = [r for r in read_jsonl(self.out / "train_log.jsonl") if r.get("step", 0) <= self.start_step]
+            write_text(self.out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
-    model = SaeTrainingStep(sae, cfg)
-    scale = state["input_scale"]
-    batches = source.batches(local_batch, seed=cfg.seed, rank=rank, world=world, skip=start_step)
-    log_path = out / "train_log.jsonl"
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not cfg.progress or rank != 0)
-    log_acc = _LogAccumulator()
-    resample_at = set(resample_steps(cfg, total_steps))
-    if rank == 0 and cfg.progress:
-        tqdm.write(f"train: {total_steps} steps of {cfg.batch_size} tokens; warm-up {cfg.warmup} steps; a latent is dead after "
-                   f"{cfg.dead_tokens} tokens without firing" + (f"; resampling at {len(resample_at)} steps" if resample_at else ""))
-    step = start_step
-    started = time.perf_counter()
-    for step in range(start_step, total_steps):
-        x = next(batches).to(device, non_blocking=True)
-        x = x * scale
+    def step(self, batch: torch.Tensor, step: int, total_steps: int, resample_at: set[int], source: ActivationSource,
+             rank: int, world: int) -> dict | None:
+        """Train on one batch (raw, unscaled); returns the log row when this step writes one."""
+        cfg, state, sae = self.cfg, self.state, self.sae
+        x = batch * state["input_scale"]
         if step in resample_at:
-            state["resampled"] += _resample(sae, opt, x, state, cfg, step)
-        lr = _lr_at(step, total_steps, peak_lr, cfg.warmup, cfg.decay)
-        for group in opt.param_groups:
+            state["resampled"] += _resample(sae, self.opt, x, state, cfg, step)
+        lr = _lr_at(step, total_steps, self.peak_lr, cfg.warmup, cfg.decay)
+        for group in self.opt.param_groups:
             group["lr"] = lr
-        model.k = annealed_k(cfg, sae.cfg, step)
+        self.model.k = annealed_k(cfg, sae.cfg, step)
         if step <= cfg.k_anneal_steps:  # BatchTopK's threshold starts from the first cut at the final k
             state["threshold_initialised"] = False
-        loss, parts = train_step(model, opt, x, state, cfg, world)
+        loss, parts = train_step(self.model, self.opt, x, state, cfg, world)
         if not math.isfinite(float(loss)):  # the one host sync per step; a non-finite batch is named first
             _check_finite(x, source, f"the batch of step {step}")
-            raise MmsaeError(f"training diverged at step {step} (loss {float(loss)}); lower --lr; checkpoints in {out / 'checkpoints'} are kept")
+            raise _Diverged(f"training diverged at step {step} (loss {float(loss)}); lower --lr; checkpoints in "
+                            f"{self.out / 'checkpoints'} are kept")
         state["tokens"] += cfg.batch_size
         step_done = step + 1
-        log_acc.add(parts, loss)
-        bar.update(1)
+        self.log.add(parts, loss)
+        row = None
         if step_done % cfg.log_every == 0 or step_done == total_steps:
-            row = log_acc.row(step_done, lr, state, n_latents, cfg.dead_tokens)
+            row = self.log.row(step_done, lr, state, sae.cfg.num_latents, cfg.dead_tokens)
             if rank == 0:
-                append_jsonl(log_path, [row])
-                bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
+                append_jsonl(self.out / "train_log.jsonl", [row])
         if step_done % cfg.checkpoint_every == 0 and step_done < total_steps and rank == 0:
-            _save_checkpoint(out, step_done, sae, opt, state, cfg.keep_checkpoints)
+            _save_checkpoint(self.out, step_done, sae, self.opt, state, cfg.keep_checkpoints)
+        return row
+
+    def finish(self, total_steps: int, world: int, resample_at: set[int], source: ActivationSource) -> None:
+        """The last checkpoint, the SAE in raw-activation units (cfg.json + sae.safetensors), train_state.json."""
+        cfg, state, scale = self.cfg, self.state, self.state["input_scale"]
+        _save_checkpoint(self.out, total_steps, self.sae, self.opt, state, cfg.keep_checkpoints)
+        final = SparseAutoencoder(SaeConfig(**self.sae.cfg.to_dict()))
+        final.load_state_dict({k: v.detach().cpu() for k, v in self.sae.state_dict().items()})
+        final.fold_scale(scale)
+        final.save(self.out, layout="sparsify")
+        write_json(self.out / "train_state.json", {"steps": total_steps, "tokens": state["tokens"], "input_scale": scale,
+                                                   "lr": self.peak_lr, "world_size": world, "config": state["train_cfg"],
+                                                   "schedule": {"warmup": cfg.warmup, "dead_tokens": cfg.dead_tokens,
+                                                                "resample_steps": sorted(resample_at),
+                                                                "resampled": state["resampled"]},
+                                                   "run_seconds": round(self.seconds, 3), "run_steps": total_steps - self.start_step,
+                                                   "source": source.describe()})
+
+
+def _input_init(cfg: TrainConfig, source: ActivationSource, device: torch.device) -> tuple[float, torch.Tensor]:
+    """(input scale, initial b_dec) from ``--init-tokens`` tokens of the data."""
+    sample = source.sample(cfg.init_tokens, seed=cfg.seed).to(device)
+    _check_finite(sample, source, "the initialisation sample")
+    mean_sq = sample.pow(2).sum(-1).mean()
+    scale = float(math.sqrt(sample.shape[1] / float(mean_sq))) if cfg.normalize_input and mean_sq > 0 else 1.0
+    sample = sample * scale
+    if cfg.b_dec_init == "geometric_median":
+        return scale, geometric_median(sample)
+    if cfg.b_dec_init == "mean":
+        return scale, sample.mean(0)
+    return scale, torch.zeros(sample.shape[1], device=device)
+
+
+def _train(plans: list[tuple[str, TrainConfig, SaeConfig]], source: ActivationSource, rank: int, world: int, device: torch.device,
+           local_batch: int, total_steps: int, threads: int, on_step: Callable[[int], None] | None, grid: bool) -> dict[str, str]:
+    """Train the SAEs of ``plans`` side by side on one stream of ``source``'s batches (each batch
+    read once, every member trained on it in turn); returns ``{folder: why}`` for members that
+    diverged (in a grid; a single run raises). The members share the data options (seed, batch
+    size, steps, schedule), so a member's weights equal those it would reach alone."""
+
+    def use_threads(m: _Member) -> None:  # each member runs under the thread count it would have alone
+        want = 1 if m.one_thread else threads
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+
+    members = [_Member(rel, cfg, sae_cfg, device) for rel, cfg, sae_cfg in plans]
+    cfg = members[0].cfg  # (the options every member shares)
+    inits = {}  # (input scale, b_dec) drawn once, for the members that start fresh (per thread count: bit-equal to alone)
+    for m in members:
+        checkpoints = _checkpoint_dirs(m.out) if m.cfg.resume else []
+        if checkpoints:
+            m.resume(checkpoints[-1], rank, device)
+            continue
+        if rank == 0:  # a fresh run starts a fresh log and drops another run's checkpoints (only those)
+            (m.out / "train_log.jsonl").unlink(missing_ok=True)
+            _drop_checkpoints(m.out)
+        use_threads(m)
+        if m.one_thread not in inits:
+            inits[m.one_thread] = _input_init(cfg, source, device)
+        m.state["input_scale"] = inits[m.one_thread][0]
+        with torch.no_grad():
+            m.sae.b_dec.copy_(inits[m.one_thread][1])
+
+    start_step = min(m.start_step for m in members)
+    batches = source.batches(local_batch, seed=cfg.seed, rank=rank, world=world, skip=start_step)
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not cfg.progress or rank != 0)
+    resample_at = set(resample_steps(cfg, total_steps))
+    if rank == 0 and cfg.progress:
+        tqdm.write(f"train: {f'{len(members)} SAEs, ' if len(members) > 1 else ''}{total_steps} steps of {cfg.batch_size} tokens; "
+                   f"warm-up {cfg.warmup} steps; a latent is dead after {cfg.dead_tokens} tokens without firing"
+                   + (f"; resampling at {len(resample_at)} steps" if resample_at else ""))
+    read_seconds = 0.0
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        batch = next(batches).to(device, non_blocking=True)
+        read_seconds += time.perf_counter() - started
+        for m in members:
+            if step < m.start_step or m.failed:  # (a resumed member rejoins the stream at its checkpoint)
+                continue
+            use_threads(m)
+            started = time.perf_counter()
+            try:
+                row = m.step(batch, step, total_steps, resample_at, source, rank, world)
+            except _Diverged as e:
+                if not grid:
+                    raise
+                m.failed = str(e)
+                if rank == 0:
+                    tqdm.write(f"train: {m.rel}: {e}")
+                continue
+            finally:
+                m.seconds += time.perf_counter() - started
+            if row is not None and len(members) == 1:
+                bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
+        bar.update(1)
         if on_step is not None:
-            on_step(step_done)
+            on_step(step + 1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    run_seconds = time.perf_counter() - started  # this session's steps (data reading included; saving not)
     bar.close()
-    if rank == 0:
-        _save_checkpoint(out, total_steps, sae, opt, state, cfg.keep_checkpoints)
-        final = SparseAutoencoder(SaeConfig(**sae.cfg.to_dict()))
-        final.load_state_dict({k: v.detach().cpu() for k, v in sae.state_dict().items()})
-        final.fold_scale(scale)
-        final.save(out, layout="sparsify")
-        write_json(out / "train_state.json", {"steps": total_steps, "tokens": state["tokens"], "input_scale": scale,
-                                              "lr": peak_lr, "world_size": world, "config": train_cfg_dict,
-                                              "schedule": {"warmup": cfg.warmup, "dead_tokens": cfg.dead_tokens,
-                                                           "resample_steps": sorted(resample_at),
-                                                           "resampled": state["resampled"]},
-                                              "run_seconds": round(run_seconds, 3), "run_steps": total_steps - start_step,
-                                              "source": source.describe()})
+    for m in members:
+        m.seconds += read_seconds / len(members)  # its steps plus its share of reading the data (saving not)
+        if rank == 0 and not m.failed:
+            m.finish(total_steps, world, resample_at, source)
     barrier(world)
-    return out
+    return {m.rel: m.failed for m in members if m.failed}
 
 
 def _resample(sae: SparseAutoencoder, opt: torch.optim.Adam, x: torch.Tensor, state: dict, cfg: TrainConfig, step: int) -> int:
