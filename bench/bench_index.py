@@ -72,6 +72,7 @@ def main() -> None:
     from mmsae.data.sources import open_source
     from mmsae.index import IndexConfig, build_index, encode_batch
     from mmsae.models import load_adapter
+    from mmsae.models.sites import Site
     from mmsae.sae import SaeConfig, SparseAutoencoder
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-index-"))
@@ -92,7 +93,7 @@ def main() -> None:
             t = time.perf_counter()
             for i in range(0, len(samples), args.batch_size):
                 chunk = samples[i:i + args.batch_size]
-                encode_batch(adapter, sae, args.layer, [s.image for s in chunk], [s.text for s in chunk])
+                encode_batch(adapter, [sae], [Site.lm(args.layer)], [s.image for s in chunk], [s.text for s in chunk])
             return time.perf_counter() - t
 
         def index(r: int) -> float:

@@ -143,7 +143,7 @@ def test_mean_score(setup):
 
 def test_interrupted_build_resumes_to_the_same_index(setup, monkeypatch, built):
     root, adapter, sae = setup
-    import mmsae.index as index_mod
+    import mmsae.index.build as index_mod  # (the module whose build_index calls it)
 
     real = index_mod.encode_batch
     calls = {"n": 0}

@@ -140,10 +140,10 @@ def test_two_processes_build_the_index_one_does(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(  # (each process also counts the images it ran through the model)
         "import os, sys\n"
-        "import mmsae.index as ix\n"
+        "import mmsae.index.build as ix\n"
         "seen, encode = [], ix.encode_batch\n"
-        "ix.encode_batch = lambda adapter, sae, layer, images, prompts: (\n"
-        "    seen.append(len(images)) or encode(adapter, sae, layer, images, prompts))\n"
+        "ix.encode_batch = lambda adapter, saes, sites, images, prompts: (\n"
+        "    seen.append(len(images)) or encode(adapter, saes, sites, images, prompts))\n"
         f"ix.build_index(ix.IndexConfig(sae={str(tmp_path / 'sae')!r}, data={str(tmp_path / 'imgs')!r}, out=sys.argv[1],\n"
         "                               top_n=3, random_n=2, batch_size=2, checkpoint_every=2, device='cpu'))\n"
         "open(sys.argv[1] + '-rank' + os.environ.get('RANK', '0'), 'w').write(str(sum(seen)))\n")

@@ -286,15 +286,20 @@ def site_latents(adapter: ModelAdapter, site: Site, inputs: ModelInputs, values:
     """Latents recorded at ``site`` for ``inputs`` (shaped like the activation, k last) with their layout."""
     k = values.shape[-1]
     values, indices = values.detach().reshape(-1, k), indices.reshape(-1, k)
+    return SiteLatents(site, values, indices, *flat_layouts(adapter, site, inputs), num_latents)
+
+
+def flat_layouts(adapter: ModelAdapter, site: Site, inputs: ModelInputs) -> tuple[list[TokenLayout], list[torch.Tensor]]:
+    """Where each sequence of ``inputs`` lies among the rows of ``site``'s activation flattened to
+    [R, d]: per sequence a TokenLayout of its image patches (``positions`` are rows of R) and its
+    text-token rows (none at vision and projector sites)."""
     if site.kind == "lm":
         seq = inputs.input_ids.shape[1]
         layouts = [TokenLayout(lt.positions.cpu() + b * seq, lt.tile, lt.row, lt.col, lt.tiles, lt.image_size)
                    for b, lt in enumerate(inputs.layouts)]
-        text = [lt.text_positions.cpu() + b * seq for b, lt in enumerate(inputs.layouts)]
-    else:
-        layouts = adapter.site_rows(site, inputs).layouts
-        text = [torch.zeros(0, dtype=torch.long) for _ in layouts]
-    return SiteLatents(site, values, indices, layouts, text, num_latents)
+        return layouts, [lt.text_positions.cpu() + b * seq for b, lt in enumerate(inputs.layouts)]
+    layouts = adapter.site_rows(site, inputs).layouts
+    return layouts, [torch.zeros(0, dtype=torch.long) for _ in layouts]
 
 
 @dataclass
