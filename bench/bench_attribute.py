@@ -77,7 +77,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a LLaVA-family model folder (default: build one)")
     p.add_argument("--sae", help="an SAE folder for --model (default: a random TopK SAE)")
-    p.add_argument("--layer", type=int, default=None, help="layer (default: the SAE's, or 4 for the built model)")
+    p.add_argument("--layer", type=int, default=None, help="layer (default: the SAE's site, or 4 for the built model)")
     p.add_argument("--features", type=int, default=1000)
     p.add_argument("--sample", type=int, default=40,
                    help="really ablate this many features, spread over the ranking, and extrapolate the times (0: all)")
@@ -100,7 +100,9 @@ def main() -> None:
     objective = build_objective(adapter, scene.image, question, args.answer)
     if args.sae:
         sae = load_sae(args.sae).to(adapter.device)
-        layer = args.layer if args.layer is not None else sae.cfg.layer
+        if args.layer is not None and sae.cfg.site is None:  # an SAE that records no site
+            sae.cfg.site = f"lm:{args.layer}"
+        layer = sae.cfg.site or sae.cfg.hook_point or sae.cfg.layer
     else:
         layer = 4 if args.layer is None else args.layer
         sae = random_sae(adapter, layer, 8, 32, objective.inputs)
@@ -108,9 +110,9 @@ def main() -> None:
     print(f"model {model} ({'given' if args.model else 'built, random weights'}), layer {layer}, "
           f"SAE {sae.cfg.num_latents} latents k={sae.cfg.k}, sequence {n_tokens} tokens, device {args.device}")
 
-    attribute_answer(adapter, sae, objective, layer)  # warm-up
+    attribute_answer(adapter, sae, objective)  # warm-up
     start = time.perf_counter()
-    att = attribute_answer(adapter, sae, objective, layer)
+    att = attribute_answer(adapter, sae, objective)
     t_one_pass = time.perf_counter() - start
     totals = att.feature_totals()
     features = [int(f) for f in totals.abs().argsort(descending=True)[:args.features] if totals[f] != 0]
@@ -121,10 +123,10 @@ def main() -> None:
     sample = features[::step]
     scale = len(features) / len(sample)
     start = time.perf_counter()
-    real_batched = ablation_effects(adapter, sae, objective, sample, layer, batch_size=args.batch_size)
+    real_batched = ablation_effects(adapter, sae, objective, sample, batch_size=args.batch_size)
     t_batched = (time.perf_counter() - start) * scale
     start = time.perf_counter()
-    real_single = ablation_effects(adapter, sae, objective, sample, layer, batch_size=1)
+    real_single = ablation_effects(adapter, sae, objective, sample, batch_size=1)
     t_single = (time.perf_counter() - start) * scale
 
     estimates = np.array([-float(totals[f]) for f in sample])
