@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from mmsae.activations import ActivationStore, HarvestConfig, harvest
 from mmsae.cli import main as cli_main
@@ -17,7 +16,7 @@ from mmsae.errors import MmsaeError
 from mmsae.sae import SparseAutoencoder, load_sae
 from mmsae.sae.synthetic import SyntheticConfig, generate
 from mmsae.train import TrainConfig, train
-from test_sae_train import crash_after, write_store
+from test_sae_train import crash_after, weights, write_store
 from tiny_models import tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -36,16 +35,12 @@ def cfg(out, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def tensors(folder) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(folder) / "sae.safetensors"))
-
-
 def log(folder) -> list[dict]:
     return [json.loads(line) for line in (Path(folder) / "train_log.jsonl").read_text().splitlines()]
 
 
 def assert_same_sae(a, b) -> None:
-    ta, tb = tensors(a), tensors(b)
+    ta, tb = weights(a), weights(b)
     assert ta.keys() == tb.keys()
     for name in ta:
         assert torch.equal(ta[name], tb[name]), (a, b, name, (ta[name] - tb[name]).abs().max())

@@ -198,14 +198,15 @@ class SaeSplice:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         covered, sample = self.rows(hidden)
-        acts_on = covered.any() and (self.interventions or self.replace)
+        acts_on = bool(self.interventions or self.replace) and bool(covered.any())
         if not (acts_on or self.grad or self.record):
             return hidden  # off-span calls stay bit-exact and cost nothing
         x = hidden.to(work_dtype(hidden.dtype))
-        with torch.no_grad():
-            values, indices = self.sae.encode_sparse(x.to(sae_device(self.sae)))
-        values, indices = values.to(x), indices.to(x.device)
         out = x
+        if self.grad or self.record or (self.interventions and acts_on):  # (a plain replace needs no codes)
+            with torch.no_grad():
+                values, indices = self.sae.encode_sparse(x.to(sae_device(self.sae)))
+            values, indices = values.to(x), indices.to(x.device)
         if self.grad:
             values = values.detach().requires_grad_(True)
             recon = self.sae.decode_sparse(values, indices).to(x)
