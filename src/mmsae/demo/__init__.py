@@ -20,6 +20,11 @@ class DemoConfig:
     # 6 of 30: measured against 0, 2, 4 and 12 (README); early enough that features fire on whole
     # objects rather than single patches, late enough that clamping one steers the answer
     layer: int = field(default=6, metadata={"help": "language-model layer to hook (SmolLM2-135M has 30)", "min": 0})
+    # the demo tower (DINOv2-S) has 12 blocks; the projector reads the outputs of blocks 3 and 11
+    vision_layer: int = field(default=11, metadata={
+        "help": "vision-tower block of the second SAE, harvested in the same pass and reported beside the "
+                "language-model one", "min": 0})
+    vision: bool = field(default=True, metadata={"help": "also run the vision-tower SAE (train, index, explain, score, steer)"})
     seed: int = field(default=0, metadata={"help": "seed for data, training and baselines", "min": 0})
     force: bool = field(default=False, metadata={"help": "rerun every stage even if its output exists"})
     overwrite: bool = field(default=False, metadata={"help": "write into an --out folder that holds other files (they are kept)"})

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import check_own_file, claim_dir, read_json, write_json
+from ..models.sites import Site, site_dirname
 from . import DemoConfig
 
 
@@ -45,12 +46,14 @@ MATRYOSHKA_SINKS = {"architecture": "batchtopk", "matryoshka_fractions": [1 / 85
 FULL = DemoSizes(harvest_images=400, train_tokens=250_000, batch_size=1024, expansion=8, k=8,
                  index_images=300, evaluate_images=32, explain_features=64, steer_images=20,
                  train_options=MATRYOSHKA_SINKS)
+# The vision-tower SAE beside it: TopK on the tower's patch rows (64 a picture; no attention sinks there).
+VISION_OPTIONS = {"architecture": "topk"}
 QUICK = DemoSizes(harvest_images=200, train_tokens=150_000, batch_size=512, expansion=4, k=8,
                   index_images=120, evaluate_images=16, explain_features=24, steer_images=10,
                   train_options=MATRYOSHKA_SINKS)
 
 
-STAGES = ("harvest", "train", "evaluate", "index", "explain", "score", "steer", "dashboard")
+STAGES = ("harvest", "train", "evaluate", "index", "explain", "score", "steer", "vision", "dashboard")
 
 
 def run_pipeline(cfg: DemoConfig, model_path: str, sizes: DemoSizes | None = None, last: str = "dashboard") -> None:
@@ -65,13 +68,18 @@ def run_pipeline(cfg: DemoConfig, model_path: str, sizes: DemoSizes | None = Non
     train_data = f"shapes:{sizes.harvest_images}:{seed}"
     held_out = f"shapes:{sizes.index_images}:{seed + 1}"
     sae_dir = run / "sae"
+    lm_site, vision_site = Site.lm(cfg.layer), Site.vision(cfg.vision_layer)
+    sites = [lm_site, vision_site] if cfg.vision else [lm_site]
+    # one site: the store is activations/ itself; two: activations/lm-L and activations/vision-V, one pass
+    stores = {site: run / "activations" / site_dirname(site) if len(sites) > 1 else run / "activations" for site in sites}
     log_path = check_own_file(run / "demo_log.json", ("stages",))
     log = read_json(log_path) if log_path.exists() else {"stages": {}}
-    log.update({"model": model_path, "layer": cfg.layer, "quick": cfg.quick, "sizes": sizes.__dict__})
+    log.update({"model": model_path, "layer": cfg.layer, "sites": [str(s) for s in sites], "quick": cfg.quick,
+                "sizes": sizes.__dict__})
 
     def stage(name: str, output: Path | None, fn: Callable[[], object]) -> None:
         """Run one stage; ``output=None`` marks a stage that resumes by itself, so it always runs."""
-        if name not in wanted:
+        if name.split()[0] not in wanted:
             return
         if output is not None and output.exists() and not cfg.force:
             print(f"[demo] {name}: done already ({output})")
@@ -84,13 +92,13 @@ def run_pipeline(cfg: DemoConfig, model_path: str, sizes: DemoSizes | None = Non
 
     from ..activations import HarvestConfig, harvest
 
-    stage("harvest", run / "activations" / "manifest.json", lambda: harvest(HarvestConfig(
-        model=model_path, layer=cfg.layer, data=train_data, out=str(run / "activations"))))
+    stage("harvest", stores[lm_site] / "manifest.json", lambda: harvest(HarvestConfig(
+        model=model_path, site=[str(s) for s in sites], data=train_data, out=str(run / "activations"))))
 
     from ..train import TrainConfig, train
 
     stage("train", sae_dir / "sae.safetensors", lambda: train(TrainConfig(
-        activations=str(run / "activations"), out=str(sae_dir), expansion=sizes.expansion,
+        activations=str(stores[lm_site]), out=str(sae_dir), expansion=sizes.expansion,
         k=sizes.k, max_tokens=sizes.train_tokens, batch_size=sizes.batch_size, seed=seed,
         **sizes.train_options)))
 
@@ -132,12 +140,31 @@ def run_pipeline(cfg: DemoConfig, model_path: str, sizes: DemoSizes | None = Non
     stage("steer", run / "steering" / "demo_steering.json", lambda: demo_steering(
         model_path, str(sae_dir), run, n_images=sizes.steer_images, **steer_search))
 
+    # The vision-tower SAE, a run folder of its own inside this one (RUN/vision-V: sae/, index/,
+    # explanations, scores, steering), so the report can put the two sites side by side.
+    if cfg.vision and "vision" in wanted:
+        sub = run / site_dirname(vision_site)
+        stage("vision train", sub / "sae" / "sae.safetensors", lambda: train(TrainConfig(
+            activations=str(stores[vision_site]), out=str(sub / "sae"), expansion=sizes.expansion // 2,
+            k=sizes.k, max_tokens=sizes.train_tokens, batch_size=sizes.batch_size, seed=seed, **VISION_OPTIONS)))
+        stage("vision index", sub / "index" / "manifest.json", lambda: build_index(IndexConfig(
+            sae=str(sub / "sae"), model=model_path, data=held_out, out=str(sub / "index"), seed=seed)))
+        stage("vision explain", None, lambda: explain(ExplainConfig(
+            index=str(sub / "index"), out=str(sub / "explanations.jsonl"), backend="demo",
+            model=model_path, max_features=sizes.explain_features // 2)))
+        stage("vision score", None, lambda: score(ScoreConfig(
+            run=str(sub), segmenter="oracle", scorers=["iou"], judge="oracle", binarization="paper", seed=seed)))
+        stage("vision steer", sub / "steering" / "demo_steering.json", lambda: demo_steering(
+            model_path, str(sub / "sae"), sub, n_images=sizes.steer_images, **steer_search))
+
     if "dashboard" not in wanted:
         return
     # The dashboard is rebuilt every time, from whatever the run folder now holds.
     from ..report import DashboardConfig, build_dashboard
 
     print("[demo] dashboard ...", flush=True)
+    if cfg.vision and (run / site_dirname(vision_site) / "sae").exists():  # its own site, linked from the main report
+        build_dashboard(DashboardConfig(run=str(run / site_dirname(vision_site))))
     site = build_dashboard(DashboardConfig(run=str(run)))
     log["total_seconds"] = round(sum(s["seconds"] for s in log["stages"].values()), 1)
     write_json(log_path, log)
