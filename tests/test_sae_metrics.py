@@ -107,6 +107,26 @@ def test_spliced_loss_at_a_vision_site_against_a_hand_made_splice(tmp_path):
     assert zero["spliced"]["all"] == zero["spliced"]["image"]
 
 
+def test_several_saes_in_one_call_equal_separate_calls(tmp_path):
+    adapter = tiny_adapter("llava")
+    lm, vision = exact_sae(adapter.hidden_size, layer=1, k=1), zero_sae(adapter.vision_width())
+    vision.cfg.site, vision.cfg.layer = "vision:0", None
+    lm.save(tmp_path / "lm")
+    vision.save(tmp_path / "vision")
+    common = dict(model=tiny_model("llava"), data="shapes:3", max_samples=3, batch_size=2, progress=False)
+    both = evaluate(EvaluateConfig(sae=[str(tmp_path / "lm"), str(tmp_path / "vision")], out=str(tmp_path / "both"), **common))
+    alone = [evaluate(EvaluateConfig(sae=str(tmp_path / name), out=str(tmp_path / f"{name}.json"), **common))
+             for name in ("lm", "vision")]
+    assert [m["site"] for m in both] == ["lm:1", "vision:0"]
+    assert both == alone
+    for name, metrics in zip(("lm-1", "vision-0"), both):
+        assert json.loads((tmp_path / "both" / name / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    with pytest.raises(MmsaeError, match="give each SAE once"):
+        evaluate(EvaluateConfig(sae=[str(tmp_path / "lm")] * 2, out=str(tmp_path / "x"), **common))
+    with pytest.raises(MmsaeError, match="share the model's forward pass"):
+        evaluate(EvaluateConfig(sae=[str(tmp_path / "lm"), str(tmp_path / "vision")], activations=str(tmp_path), out=str(tmp_path / "y")))
+
+
 def write_store(path, acts: torch.Tensor, is_image: torch.Tensor) -> None:
     path.mkdir(parents=True)
     n = len(acts)

@@ -41,7 +41,8 @@ KINDS = ("all", "image", "text")
 
 @dataclass
 class EvaluateConfig:
-    sae: str = field(metadata={"help": "SAE folder or hub id (sparsify, SAELens or mmsae layout)"})
+    sae: str | list[str] = field(metadata={"help": "SAE folder(s) or hub id(s) (sparsify, SAELens or mmsae layout); several "
+                                                   "share the model's forward pass and each gets OUT/<site>/metrics.json"})
     out: str = field(default="metrics.json", metadata={"help": "where to write metrics.json (a folder or a .json path)"})
     model: str | None = field(default=None, metadata={"help": "model id or folder (for the spliced-in loss and live activations)"})
     data: str | None = field(default=None, metadata={"help": "data source spec (image folder, .jsonl, HF dataset, shapes:N)"})
@@ -178,32 +179,99 @@ def _masks(layouts, shape, device) -> tuple[torch.Tensor, torch.Tensor]:
     return image, text
 
 
-def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.device, need_recon: bool,
-                   rule: TokenExclusion = TokenExclusion()) -> tuple[dict, dict | None]:
-    """``spliced`` (and with a rule ``spliced_without_excluded``: the excluded positions keep the
-    model's own activation), and the reconstruction entries when ``need_recon``."""
+class _SplicedLoss:
+    """One SAE's share of the model pass: its spliced next-token loss (with the reconstruction,
+    and with zeros, at image / text / all rows of its site) and its reconstruction statistics."""
+
+    def __init__(self, adapter, sae: SparseAutoencoder, site, rule: TokenExclusion, need_recon: bool):
+        self.sae, self.site, self.rule, self.need_recon = sae, site, rule, need_recon
+        self.lm = site.kind == "lm"
+        if not self.lm and rule:
+            raise MmsaeError(f"token exclusion ({rule.describe()}) is for lm sites; the SAE reads {site}, which holds image patches only")
+        self.module = adapter.site_module(site)
+        self.recon = _ReconByKind(sae.cfg.d_in, sae.cfg.num_latents, rule)
+        # an lm site is spliced at the image tokens, the text tokens or both; a vision or projector
+        # site holds the image patches only, so "image" and "all" are the same splice there
+        self.kinds = KINDS if self.lm else ("all", "image")
+        self.suffixes = ("", "_kept") if rule else ("",)  # _kept: spliced only where the rule keeps the token
+        self.variants = tuple(f"{how}_{where}{s}" for how in ("sae", "zero") for where in self.kinds for s in self.suffixes)
+        self.sums = {v: {"ce": 0.0, "kl": 0.0} for v in self.variants}
+        self.excluded = dict.fromkeys(self.kinds, 0)
+
+    def add(self, adapter, inputs, activation: torch.Tensor | None, image_mask, text_mask, clean, targets, log_probs) -> None:
+        """One batch: ``activation`` is the site's clean output (None: the site never ran, e.g. a
+        vision site on a batch without images), ``log_probs()`` the model's at the targets."""
+        from .intervene import Rows, site_rows_mask, spliced
+
+        if activation is None:
+            splices = {}
+        elif self.lm:
+            ids = inputs.input_ids
+            keep = sequence_keep(self.rule, activation, image_mask | text_mask, ids)
+            flat, real = activation.reshape(-1, activation.shape[-1]).float(), (image_mask | text_mask).reshape(-1)
+            x, is_image, kept = flat[real], image_mask.reshape(-1)[real], keep.reshape(-1)[real] if self.rule else None
+            splices = {}
+            for where, mask in (("image", image_mask), ("text", text_mask), ("all", image_mask | text_mask)):
+                self.excluded[where] += int((mask & ~keep).sum())
+                for suffix, at in (("", mask), ("_kept", mask & keep))[:len(self.suffixes)]:
+                    splices[f"{where}{suffix}"] = Rows(prompt=at, generated=False, site=self.site)
+        else:
+            x, kept = adapter.site_rows(self.site, inputs).take(activation).float(), None
+            is_image = torch.ones(len(x), dtype=torch.bool, device=x.device)
+            patches = site_rows_mask(adapter, self.site, inputs, "image")
+            splices = {"image": patches, "all": patches}
+        if self.need_recon and splices:
+            recon, values, indices = _encode_batch(self.sae, x)
+            self.recon.add(x, recon, values, indices, is_image, kept)
+        for name in self.variants:
+            how, where = name.split("_", 1)
+            logp = clean
+            if where in splices:  # the reconstruction (or zeros) at these rows only
+                with spliced(adapter, self.sae, site=self.site, replace=how, rows=splices[where]):
+                    logp = log_probs()
+            self.sums[name]["ce"] += float(-logp.gather(-1, targets[:, None]).sum())
+            self.sums[name]["kl"] += float(F.kl_div(logp, clean, log_target=True, reduction="sum"))
+
+    def result(self, ce_clean_sum: float, n_targets: int, bins: int, where_from: str) -> tuple[dict, dict | None]:
+        """(``spliced`` entries, reconstruction entries or None), as metrics.json holds them."""
+        ce_clean = ce_clean_sum / n_targets
+        ce = {v: self.sums[v]["ce"] / n_targets for v in self.variants}
+        out = {"site": str(self.site)}
+        for suffix, name in zip(self.suffixes, ("spliced", "spliced_without_excluded")):
+            spliced = {"targets": n_targets, "ce_clean": ce_clean}
+            if suffix:
+                spliced["excluded_positions"] = self.excluded  # spliced nowhere: the model's own activation stays
+            for where in self.kinds:
+                ce_sae, ce_zero = ce[f"sae_{where}{suffix}"], ce[f"zero_{where}{suffix}"]
+                gap = ce_zero - ce_clean
+                spliced[where] = {"ce_sae": ce_sae, "ce_zero_ablation": ce_zero, "ce_increase": ce_sae - ce_clean,
+                                  "ce_recovered": (ce_zero - ce_sae) / gap if abs(gap) > 1e-9 else None,
+                                  "kl_sae": self.sums[f"sae_{where}{suffix}"]["kl"] / n_targets,
+                                  "kl_zero_ablation": self.sums[f"zero_{where}{suffix}"]["kl"] / n_targets}
+            out[name] = spliced
+        recon = self.recon.result(bins, where_from) if self.need_recon else None
+        if recon is not None and not self.lm:  # no text rows at an image site
+            del recon["reconstruction"]["text"]
+        return out, recon
+
+
+def _model_metrics(saes: list[SparseAutoencoder], rules: list[TokenExclusion], cfg: EvaluateConfig, device: torch.device,
+                   need_recon: bool) -> list[tuple[dict, dict | None]]:
+    """Per SAE: ``spliced`` (and with a rule ``spliced_without_excluded``: the excluded positions
+    keep the model's own activation), and the reconstruction entries when ``need_recon``. The SAEs
+    share each batch's clean forward pass (every site captured in it); each splice is a pass of its own."""
+    from contextlib import ExitStack
+
     from .data.sources import DEFAULT_PROMPT, open_source
     from .hooks import capture
-    from .intervene import Rows, site_rows_mask, spliced
     from .models import load_adapter
     from .models.sites import check_sae_site
 
     adapter = load_adapter(cfg.model, device=str(device))
-    site = check_sae_site(sae, adapter, cfg.layer)
-    lm = site.kind == "lm"
-    if not lm and rule:
-        raise MmsaeError(f"token exclusion ({rule.describe()}) is for lm sites; the SAE reads {site}, which holds image patches only")
-    module = adapter.site_module(site)
+    losses = [_SplicedLoss(adapter, sae, check_sae_site(sae, adapter, cfg.layer), rule, need_recon)
+              for sae, rule in zip(saes, rules)]
     source = open_source(cfg.data, prompt=cfg.prompt or DEFAULT_PROMPT)
-    recon_stats = _ReconByKind(sae.cfg.d_in, sae.cfg.num_latents, rule)
-    # an lm site is spliced at the image tokens, the text tokens or both; a vision or projector
-    # site holds the image patches only, so "image" and "all" are the same splice there
-    kinds = KINDS if lm else ("all", "image")
-    suffixes = ("", "_kept") if rule else ("",)  # _kept: spliced only where the rule keeps the token
-    variants = ("clean", *(f"{how}_{where}{s}" for how in ("sae", "zero") for where in kinds for s in suffixes))
-    sums = {v: {"ce": 0.0, "kl": 0.0} for v in variants}
-    excluded = dict.fromkeys(kinds, 0)
-    n_targets = 0
+    ce_clean, n_targets = 0.0, 0
     samples = list(source.samples(stop=cfg.max_samples))
     if not samples:
         raise MmsaeError(f"data {cfg.data} gave no samples")
@@ -224,87 +292,70 @@ def _model_metrics(sae: SparseAutoencoder, cfg: EvaluateConfig, device: torch.de
                 logits = adapter.model(**inputs.inputs, use_cache=False).logits
             return logits[:, :-1][pred_mask].float().log_softmax(-1)
 
-        with capture(module) as captured:
+        with ExitStack() as stack:  # the clean pass, every SAE's site captured in it
+            captured = [stack.enter_context(capture(loss.module)) for loss in losses]
             clean = log_probs()
-        if len(captured) == 0:  # a vision or projector site in a batch without images
-            splices = {}
-        elif lm:
-            hidden = captured.outputs[0]
-            keep = sequence_keep(rule, hidden, image_mask | text_mask, ids)
-            flat, real = hidden.reshape(-1, hidden.shape[-1]).float(), (image_mask | text_mask).reshape(-1)
-            x, is_image, kept = flat[real], image_mask.reshape(-1)[real], keep.reshape(-1)[real] if rule else None
-            splices = {}
-            for where, mask in (("image", image_mask), ("text", text_mask), ("all", image_mask | text_mask)):
-                excluded[where] += int((mask & ~keep).sum())
-                for suffix, at in (("", mask), ("_kept", mask & keep))[:len(suffixes)]:
-                    splices[f"{where}{suffix}"] = Rows(prompt=at, generated=False, site=site)
-        else:
-            rows = adapter.site_rows(site, inputs)
-            x, kept = rows.take(captured.outputs[0]).float(), None
-            is_image = torch.ones(len(x), dtype=torch.bool, device=x.device)
-            patches = site_rows_mask(adapter, site, inputs, "image")
-            splices = {"image": patches, "all": patches}
-        if need_recon and splices:
-            recon, values, indices = _encode_batch(sae, x)
-            recon_stats.add(x, recon, values, indices, is_image, kept)
-        sums["clean"]["ce"] += float(-clean.gather(-1, targets[:, None]).sum())
-        for name in variants[1:]:
-            how, where = name.split("_", 1)
-            logp = clean
-            if where in splices:  # the reconstruction (or zeros) at these rows only
-                with spliced(adapter, sae, site=site, replace=how, rows=splices[where]):
-                    logp = log_probs()
-            sums[name]["ce"] += float(-logp.gather(-1, targets[:, None]).sum())
-            sums[name]["kl"] += float(F.kl_div(logp, clean, log_target=True, reduction="sum"))
+        ce_clean += float(-clean.gather(-1, targets[:, None]).sum())
+        for loss, record in zip(losses, captured):
+            loss.add(adapter, inputs, record.outputs[0] if len(record) else None, image_mask, text_mask, clean, targets, log_probs)
     if n_targets == 0:
         raise MmsaeError(f"data {cfg.data} has no text positions to measure next-token loss on")
-    ce = {v: sums[v]["ce"] / n_targets for v in variants}
-    out = {}
-    for suffix, name in zip(suffixes, ("spliced", "spliced_without_excluded")):
-        spliced = {"targets": n_targets, "ce_clean": ce["clean"]}
-        if suffix:
-            spliced["excluded_positions"] = excluded  # spliced nowhere: the model's own activation stays
-        for where in kinds:
-            ce_sae, ce_zero = ce[f"sae_{where}{suffix}"], ce[f"zero_{where}{suffix}"]
-            gap = ce_zero - ce["clean"]
-            spliced[where] = {"ce_sae": ce_sae, "ce_zero_ablation": ce_zero, "ce_increase": ce_sae - ce["clean"],
-                              "ce_recovered": (ce_zero - ce_sae) / gap if abs(gap) > 1e-9 else None,
-                              "kl_sae": sums[f"sae_{where}{suffix}"]["kl"] / n_targets,
-                              "kl_zero_ablation": sums[f"zero_{where}{suffix}"]["kl"] / n_targets}
-        out[name] = spliced
-    recon = recon_stats.result(cfg.histogram_bins, f"data {cfg.data}") if need_recon else None
-    if recon is not None and not lm:  # no text rows at an image site
-        del recon["reconstruction"]["text"]
-    return out, recon
+    return [loss.result(ce_clean, n_targets, cfg.histogram_bins, f"data {cfg.data}") for loss in losses]
 
 
-def evaluate(cfg: EvaluateConfig) -> dict:
-    """Measure an SAE; writes metrics.json and prints a table. Returns the metrics."""
+def evaluate(cfg: EvaluateConfig) -> dict | list[dict]:
+    """Measure an SAE; writes metrics.json and prints a table. Returns the metrics.
+
+    Several SAEs (``--sae A B``, with ``--model`` and ``--data``) share each batch's clean forward
+    pass; each gets ``OUT/<site>/metrics.json`` (``OUT/0``, ``OUT/1``, ... when two read one site),
+    and the list of their metrics is returned."""
+    from .models.sites import parse_site, recorded_site, site_dirnames
+
     device = resolve_device(cfg.device)
+    names = [cfg.sae] if isinstance(cfg.sae, str) else list(cfg.sae)
     if not cfg.activations and not (cfg.model and cfg.data):
         raise MmsaeError("give --activations STORE, or --model and --data (or both)")
+    if len(names) > 1:
+        if cfg.activations or not (cfg.model and cfg.data):
+            raise MmsaeError("several SAEs share the model's forward pass: give --model and --data, and no --activations "
+                             "(evaluate each SAE on its own store separately)")
+        if len(set(names)) < len(names) or cfg.layer is not None:
+            raise MmsaeError(f"--sae {' '.join(names)}: give each SAE once, and no --layer (each SAE is evaluated at its own site)")
+    saes = [load_sae(name, hook_point=cfg.hook_point, device=device).eval() for name in names]
     out = Path(cfg.out)
-    path = check_own_file(out if out.suffix == ".json" else out / "metrics.json", ("sae", "num_latents"))  # before the work
-    sae = load_sae(cfg.sae, hook_point=cfg.hook_point, device=device).eval()
-    metrics: dict = {"sae": str(cfg.sae), "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in,
-                     "num_latents": sae.cfg.num_latents, "k": sae.cfg.k, "model": cfg.model or sae.cfg.model,
-                     "layer": cfg.layer if cfg.layer is not None else sae.cfg.layer, "hook_point": sae.cfg.hook_point}
+    if len(saes) == 1:
+        paths = [out if out.suffix == ".json" else out / "metrics.json"]
+    elif out.suffix == ".json":
+        raise MmsaeError(f"--out {out}: with several SAEs --out is a folder (each gets OUT/<site>/metrics.json)")
+    else:
+        sites = [parse_site(recorded_site(sae)) if recorded_site(sae) is not None else None for sae in saes]
+        if None in sites:
+            raise MmsaeError(f"SAE {names[sites.index(None)]} records no site; evaluate it alone with --layer")
+        paths = [out / d / "metrics.json" for d in site_dirnames(sites)]
+    for path in paths:
+        check_own_file(path, ("sae", "num_latents"))  # before the work
+    all_metrics = [{"sae": str(name), "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in,
+                    "num_latents": sae.cfg.num_latents, "k": sae.cfg.k, "model": cfg.model or sae.cfg.model,
+                    "layer": cfg.layer if cfg.layer is not None else sae.cfg.layer, "hook_point": sae.cfg.hook_point}
+                   for name, sae in zip(names, saes)]
     # with and without the tokens the options (or else the rule the SAE was trained with) leave out
-    rule = TokenExclusion.of(cfg) or TokenExclusion.from_dict(sae.cfg.token_exclusion)
+    rules = [TokenExclusion.of(cfg) or TokenExclusion.from_dict(sae.cfg.token_exclusion) for sae in saes]
     with out_of_memory_guard("evaluate", device, "--batch-size", resumes=False):
         if cfg.activations:
-            metrics.update(_store_reconstruction(sae, cfg, device, rule))
-            metrics["reconstruction_source"] = str(cfg.activations)
+            all_metrics[0].update(_store_reconstruction(saes[0], cfg, device, rules[0]))
+            all_metrics[0]["reconstruction_source"] = str(cfg.activations)
         if cfg.model and cfg.data:
-            spliced, recon = _model_metrics(sae, cfg, device, need_recon=not cfg.activations, rule=rule)
-            metrics.update(spliced)
-            if recon is not None:
-                metrics.update(recon)
-                metrics["reconstruction_source"] = f"{cfg.model} on {cfg.data}"
-            metrics["data"] = cfg.data
-    write_json(check_own_file(path, ("sae", "num_latents")), metrics)
-    print(format_table(metrics), file=sys.stderr)
-    return metrics
+            results = _model_metrics(saes, rules, cfg, device, need_recon=not cfg.activations)
+            for metrics, (spliced, recon) in zip(all_metrics, results):
+                metrics.update(spliced)
+                if recon is not None:
+                    metrics.update(recon)
+                    metrics["reconstruction_source"] = f"{cfg.model} on {cfg.data}"
+                metrics["data"] = cfg.data
+    for path, metrics in zip(paths, all_metrics):
+        write_json(check_own_file(path, ("sae", "num_latents")), metrics)
+        print(format_table(metrics), file=sys.stderr)
+    return all_metrics[0] if len(all_metrics) == 1 else all_metrics
 
 
 def _fmt(value) -> str:

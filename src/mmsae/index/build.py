@@ -39,7 +39,7 @@ from ..config import check_config
 from ..errors import MmsaeError
 from ..io import claim_dir, read_json, write_text
 from ..models.base import ModelAdapter, ModelInputs, TokenLayout
-from ..models.sites import Site, parse_site
+from ..models.sites import Site, parse_site, site_dirnames
 from ..runtime import barrier, check_dtype, init_distributed, out_of_memory_guard, resolve_device
 from .folder import (FORMAT, IMAGES_WRITTEN, INDEX_FILES, VERSION, FeatureIndex, _drop_unreferenced_images, _image_records,
                      _is_index_folder, _jsonable, _save_image, _write_folder, _written_images, sae_fingerprint)
@@ -163,16 +163,6 @@ def _checkpoint_name(rank: int, world: int) -> str:
     return "checkpoint.safetensors" if world == 1 else f"checkpoint-{rank}-of-{world}.safetensors"
 
 
-def _index_dirnames(sites: list[Site]) -> list[str]:
-    """Each SAE's index folder under --out when there are several: its site's name (``lm:2`` ->
-    ``lm-2``), or its position in --sae when two SAEs read the same site."""
-    from ..models.sites import site_dirname
-
-    if len(set(sites)) < len(sites):
-        return [str(k) for k in range(len(sites))]
-    return [site_dirname(site) for site in sites]
-
-
 def build_index(cfg: IndexConfig) -> FeatureIndex | list[FeatureIndex]:
     """Stream ``cfg.data`` through the model with each SAE at its site and write the index.
 
@@ -243,7 +233,7 @@ def _build_index(cfg: IndexConfig, device: torch.device, rank: int, world: int) 
             raise MmsaeError(f"SAE {name} reads {site}, a module whose tokens mmsae cannot place on the image; "
                              "index SAEs trained at lm:L, vision:L or projector")
         sites.append(site)
-    outs = [Path(cfg.out)] if len(names) == 1 else [Path(cfg.out) / d for d in _index_dirnames(sites)]
+    outs = [Path(cfg.out)] if len(names) == 1 else [Path(cfg.out) / d for d in site_dirnames(sites)]
     if rank == 0:  # one claim: ranks checking an empty folder at once would see each other's marker
         if len(names) > 1:
             claim_dir(cfg.out, "index", cfg.overwrite)

@@ -132,6 +132,14 @@ def site_dirname(site: Site | str) -> str:
     return str(site).replace(":", "-")
 
 
+def site_dirnames(sites: list[Site]) -> list[str]:
+    """Folder names for several SAEs' outputs under one --out (index, evaluate): each site's name
+    (``lm:2`` -> ``lm-2``), or their positions (``0``, ``1``, ...) when two read the same site."""
+    if len(set(sites)) < len(sites):
+        return [str(k) for k in range(len(sites))]
+    return [site_dirname(site) for site in sites]
+
+
 def recorded_site(cfg) -> str | int | None:
     """The site an SAE config records (``cfg`` is a SaeConfig, an SAE or a cfg dict): its
     ``site``, else its ``hook_point``, else its ``layer`` (``lm:L``); None if it records none."""
