@@ -75,8 +75,8 @@ def test_image_sites_steer_the_answer_and_a_no_op_changes_nothing(family, site):
 
 def test_a_vision_edit_touches_only_patch_rows_and_equals_the_dense_reference():
     adapter = tiny_adapter("llava")  # CLIP tower: one CLS row per image
-    site = adapter.resolve_site("vision:1")
-    sae = make_sae(adapter, "vision:1")
+    site = adapter.resolve_site("vision:0")
+    sae = make_sae(adapter, "vision:0")
     inputs = two_images(adapter)
     rows = adapter.site_rows(site, inputs, include_special=True)
     module = adapter.site_module(site)
@@ -184,7 +184,13 @@ def test_bad_sites_and_spans_are_one_line_errors():
         with pytest.raises(MmsaeError, match=match) as err:
             case()
         assert "\n" not in str(err.value)
+    # tiny LLaVA's projector reads hidden_states[-2], block 0's output: an edit at vision:1 would do nothing
+    assert adapter.deepest_vision_block_read() == 0
+    with pytest.raises(MmsaeError, match=r"vision:1 of .* comes after vision:0, the deepest block the language model reads"):
+        spliced(adapter, sae, two_images(adapter), interventions=[Intervention(1, 5.0)]).__enter__()
+    assert mmsae.run_with_saes(adapter, [sae], picture(0), "hi").latents[sae].values.numel() > 0  # reading it is fine
     # attached for one batch, run on another: the row count tells
     with pytest.raises(MmsaeError, match="attach it for the inputs being run"):
-        with torch.no_grad(), spliced(adapter, sae, adapter.build_inputs([picture(0)], ["hi"]), interventions=[Intervention(1, 1.0)]):
+        with torch.no_grad(), spliced(adapter, make_sae(adapter, "vision:0"), adapter.build_inputs([picture(0)], ["hi"]),
+                                      interventions=[Intervention(1, 1.0)]):
             adapter.model(**two_images(adapter).inputs, use_cache=False)

@@ -242,6 +242,10 @@ def spliced(adapter: ModelAdapter, sae, inputs: ModelInputs | None = None, *, si
     one block per batch or ``generate`` call.
     """
     site = check_sae_site(sae, adapter, site)
+    if site.kind == "vision" and (interventions or replace or grad) and site.layer > adapter.deepest_vision_block_read():
+        read = adapter.deepest_vision_block_read()
+        raise MmsaeError(f"{site} of {adapter.model_id} comes after vision:{read}, the deepest block the language model reads: "
+                         f"an edit there cannot change the answer; use an SAE at vision:{read} or earlier")
     hook = SaeSplice(sae, site, rows if rows is not None else site_rows_mask(adapter, site, inputs, span),
                      interventions, replace, grad, record)
     with edit(adapter.site_module(site), hook):

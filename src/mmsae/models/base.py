@@ -269,6 +269,17 @@ class ModelAdapter:
                 return module
         raise MmsaeError(f"projector: {self.model_id} ({self.family}) has no multimodal projector; its sites are {self.describe_sites()}")
 
+    def deepest_vision_block_read(self) -> int:
+        """The deepest vision-tower block whose output reaches the language model: the last one,
+        unless the config selects earlier hidden states (LLaVA's ``vision_feature_layer``, an
+        index into ``hidden_states``, whose entry i is the output of block i - 1)."""
+        blocks = len(self.vision_layers())
+        selected = getattr(self.model.config, "vision_feature_layer", None)
+        if selected is None:
+            return blocks - 1
+        indices = selected if isinstance(selected, (list, tuple)) else [selected]
+        return max((i if i >= 0 else blocks + 1 + i) - 1 for i in indices)
+
     def vision_width(self) -> int:
         """The width of the vision tower's residual stream."""
         return int(self.model.config.vision_config.hidden_size)
