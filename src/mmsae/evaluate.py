@@ -321,19 +321,17 @@ def evaluate(cfg: EvaluateConfig) -> dict | list[dict]:
                              "(evaluate each SAE on its own store separately)")
         if len(set(names)) < len(names) or cfg.layer is not None:
             raise MmsaeError(f"--sae {' '.join(names)}: give each SAE once, and no --layer (each SAE is evaluated at its own site)")
-    saes = [load_sae(name, hook_point=cfg.hook_point, device=device).eval() for name in names]
     out = Path(cfg.out)
-    if len(saes) == 1:
-        paths = [out if out.suffix == ".json" else out / "metrics.json"]
-    elif out.suffix == ".json":
+    if len(names) > 1 and out.suffix == ".json":
         raise MmsaeError(f"--out {out}: with several SAEs --out is a folder (each gets OUT/<site>/metrics.json)")
-    else:
+    if len(names) == 1:  # checked before anything is loaded: a user's file is never replaced
+        paths = [check_own_file(out if out.suffix == ".json" else out / "metrics.json", ("sae", "num_latents"))]
+    saes = [load_sae(name, hook_point=cfg.hook_point, device=device).eval() for name in names]
+    if len(saes) > 1:  # each SAE's folder is named by its site, which its cfg records
         sites = [parse_site(recorded_site(sae)) if recorded_site(sae) is not None else None for sae in saes]
         if None in sites:
             raise MmsaeError(f"SAE {names[sites.index(None)]} records no site; evaluate it alone with --layer")
-        paths = [out / d / "metrics.json" for d in site_dirnames(sites)]
-    for path in paths:
-        check_own_file(path, ("sae", "num_latents"))  # before the work
+        paths = [check_own_file(out / d / "metrics.json", ("sae", "num_latents")) for d in site_dirnames(sites)]
     all_metrics = [{"sae": str(name), "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in,
                     "num_latents": sae.cfg.num_latents, "k": sae.cfg.k, "model": cfg.model or sae.cfg.model,
                     "layer": cfg.layer if cfg.layer is not None else sae.cfg.layer, "hook_point": sae.cfg.hook_point}
