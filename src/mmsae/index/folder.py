@@ -153,6 +153,7 @@ class FeatureIndex:
         self._lay_row = {int(s): i for i, s in enumerate(lay["sample"].numpy())}
         self._lay = {k: v for k, v in lay.items()}
         self._tokens: dict[str, list] | None = None
+        self._digests: dict[int, str] = {}  # sample_digest's, one per sample asked for
         self.num_latents = int(self.cfg["num_latents"])
         if sae is not None:
             self.check_sae(sae)
@@ -305,6 +306,26 @@ class FeatureIndex:
 
     def sample_text(self, sample_id: int) -> str:
         return self._sample(sample_id).get("text") or ""
+
+    def sample_digest(self, sample_id: int) -> str:
+        """A hash of the sample as this index keeps it: its image copy's bytes and its meta.
+
+        Sample ids are positions in the indexed data, so two indexes over other data share ids
+        for other pictures; equal digests mean the same picture and scene whatever the ids
+        (score shares per-image work across runs by it). Hashed once per sample.
+        """
+        sid = int(sample_id)
+        if sid not in self._digests:
+            rec = self._sample(sid)
+            h = hashlib.sha256(json.dumps(rec.get("meta") or {}, sort_keys=True).encode())
+            if rec.get("image"):
+                path = self.path / rec["image"]
+                try:
+                    h.update(path.read_bytes())
+                except OSError as e:
+                    raise MmsaeError(f"index image {path} cannot be read ({e.strerror}); rebuild the index") from e
+            self._digests[sid] = h.hexdigest()[:32]
+        return self._digests[sid]
 
 
 

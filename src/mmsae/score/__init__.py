@@ -27,16 +27,24 @@ concept (the concept's coverage per token, at its best threshold: what resolutio
 on the shapes world, ``best_concept``, the IoU of the best single ground-truth concept present in
 the feature's top images (an oracle explainer: what any explanation of this feature could reach,
 so the gap from it to ``none`` is the explainer's, and from it to 1 the feature's and the maps').
+
+Several runs (``--run A B``, ``ScoreConfig(run=[A, B])``) are scored in one call, one after the
+other: each run's files are the ones a call for it alone writes, byte for byte (resumed, locked and
+checked per run), while the models load once and each image's masks and embeddings are computed
+once for every run whose index holds that image (:mod:`.shared`). ``score`` returns one run's
+summary rows, or for several ``{run as given: its summary rows}``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from tqdm import tqdm
 
@@ -47,6 +55,8 @@ from ..runtime import resolve_device
 from .baselines import bootstrap_ci, derangement, random_images
 from .detection import QUESTION
 from .scorers import SCORERS, Context, FeatureCase, FeatureData, Scorer
+from .segmenters import Segmenter
+from .shared import SharedWork
 from .table import csv_table, markdown_table, normalize_category, summarize
 
 __all__ = ["ScoreConfig", "score", "bootstrap_ci", "derangement", "markdown_table", "summarize"]
@@ -57,8 +67,10 @@ Baseline = Literal["random_images", "shuffled", "full_mask", "ceiling", "best_co
 
 @dataclass
 class ScoreConfig:
-    run: Optional[str] = field(default=None, metadata={
-        "help": "run folder: reads RUN/index and RUN/explanations.jsonl, writes RUN/scores.* (unless given below)"})
+    run: Optional[str | list[str]] = field(default=None, metadata={
+        "help": "run folder(s): reads RUN/index and RUN/explanations.jsonl, writes RUN/scores.* (unless given below); "
+                "several are scored in one call, each writing what it would alone, sharing the models and "
+                "each image's masks and embeddings"})
     index: Optional[str] = field(default=None, metadata={"help": "feature index folder (default RUN/index)"})
     explanations: Optional[str] = field(default=None, metadata={
         "help": "explanations.jsonl (default RUN/explanations.jsonl)"})
@@ -115,8 +127,31 @@ class ScoreConfig:
         check_config(self)
 
 
-def _paths(cfg: ScoreConfig) -> tuple[Path, Path, Path]:
-    run = Path(cfg.run) if cfg.run else None
+def _run_paths(cfg: ScoreConfig) -> list[tuple[str, Path, Path, Path]]:
+    """``(name, index, explanations, out)`` of each run to score (its name: the run as given, else
+    its output folder), every one checked before any work."""
+    runs = [cfg.run] if isinstance(cfg.run, (str, os.PathLike)) else list(cfg.run or [])
+    if len(runs) > 1:
+        given = [flag for flag, v in (("--index", cfg.index), ("--explanations", cfg.explanations),
+                                      ("--out", cfg.out)) if v]
+        if given:
+            raise MmsaeError(f"{', '.join(given)} name one run's files; with several --run folders each reads "
+                             "RUN/index and RUN/explanations.jsonl and writes RUN/scores.*")
+        seen: dict[Path, str] = {}  # by the folder, so runs/demo and runs/demo/ are one run
+        for run in map(str, runs):
+            first = seen.get(Path(run).resolve())
+            if first is not None:
+                raise MmsaeError(f"--run lists {first} twice" + (f" (also as {run})" if run != first else ""))
+            seen[Path(run).resolve()] = run
+    paths = []
+    for run in runs or [None]:
+        index, explanations, out = _paths(cfg, run)
+        paths.append((str(run or out), index, explanations, out))
+    return paths
+
+
+def _paths(cfg: ScoreConfig, run: str | None) -> tuple[Path, Path, Path]:
+    run = Path(run) if run else None
     index = Path(cfg.index) if cfg.index else (run / "index" if run else None)
     explanations = Path(cfg.explanations) if cfg.explanations else (run / "explanations.jsonl" if run else None)
     out = Path(cfg.out) if cfg.out else run
@@ -154,12 +189,13 @@ def _config_key(cfg: ScoreConfig) -> dict:
 class _Scoring:
     """Scores one feature with every requested scorer (:data:`.scorers.SCORERS`, in its order)."""
 
-    def __init__(self, cfg: ScoreConfig, index, explanations: dict[int, dict], features: list[int]):
+    def __init__(self, cfg: ScoreConfig, index, explanations: dict[int, dict], features: list[int],
+                 shared: SharedWork):
         self.cfg, self.index, self.explanations = cfg, index, explanations
         self.partner = derangement(features, cfg.seed) if len(features) > 1 else {}
         # every image the index keeps (some feature's example): the pool for random images
         self.pool = index.sample_ids()
-        ctx = Context(cfg, index, features, self.pool)
+        ctx = Context(cfg, index, features, self.pool, shared)
         self.scorers: list[Scorer] = [cls(ctx) for name, cls in SCORERS.items() if name in cfg.scorers]
 
     def score_feature(self, feature: int) -> list[dict]:
@@ -201,21 +237,28 @@ class _Scoring:
             scorer.prepare(features)
 
 
-def _resume(out: Path, cfg: ScoreConfig) -> list[dict]:
+def _check_outputs(out: Path, cfg: ScoreConfig) -> None:
+    """Refuse, before any run of the call is written, an output mmsae did not write or scored with other settings."""
     scores_path, cfg_path = out / "scores.jsonl", out / "scores_config.json"
     # every file this stage replaces or appends to must be one it wrote (a user's is refused)
     check_own_file(scores_path, ("feature", "scorer", "value"))
     check_own_file(cfg_path, ("scorers", "binarization"))
     check_own_file(out / "scores.md", prefix="Scores of ")
     check_own_file(out / "scores.csv", prefix="category,scorer,baseline")
+    resumed = not cfg.overwrite and scores_path.exists()
+    if resumed and cfg_path.exists() and read_json(cfg_path) != _config_key(cfg):
+        raise MmsaeError(f"{scores_path} was scored with other settings ({cfg_path}); "
+                         "pass --overwrite to rescore or --out to write elsewhere")
+
+
+def _resume(out: Path, cfg: ScoreConfig) -> list[dict]:
+    """The rows already scored in ``out`` (none with --overwrite), after :func:`_check_outputs`."""
+    scores_path, cfg_path = out / "scores.jsonl", out / "scores_config.json"
     key = _config_key(cfg)
     if cfg.overwrite or not scores_path.exists():
         write_text(scores_path, "")
         write_json(cfg_path, key)
         return []
-    if cfg_path.exists() and read_json(cfg_path) != key:
-        raise MmsaeError(f"{scores_path} was scored with other settings ({cfg_path}); "
-                         "pass --overwrite to rescore or --out to write elsewhere")
     rows = read_jsonl(scores_path)
     # rewrite without a line a crash may have cut short, so appends start on a clean line
     write_text(scores_path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -223,14 +266,20 @@ def _resume(out: Path, cfg: ScoreConfig) -> list[dict]:
     return rows
 
 
-def score(cfg: ScoreConfig) -> list[dict]:
-    """Score every explained feature; write scores.jsonl, scores.md and scores.csv; return the summary."""
+@dataclass
+class _Run:
+    """One run folder of the call, read and checked."""
+
+    name: str  # the run as given (--run), else its output folder
+    index: Any
+    explanations: dict[int, dict]
+    features: list[int]  # explained features with examples in the index
+    out: Path
+
+
+def _open_run(cfg: ScoreConfig, name: str, index_dir: Path, explanations_path: Path, out: Path) -> _Run:
     from ..index import FeatureIndex
 
-    if not cfg.scorers:
-        raise MmsaeError(f"--scorers is empty; choose from {', '.join(SCORERS)}")
-    cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # checked before any model loads
-    index_dir, explanations_path, out = _paths(cfg)
     index = FeatureIndex(index_dir)
     explanations = _load_explanations(explanations_path)
     # rows that name another index point at evidence this one may not hold (hand-written rows carry no fingerprint)
@@ -243,26 +292,55 @@ def score(cfg: ScoreConfig) -> list[dict]:
     if not features:
         raise MmsaeError(f"no feature in {explanations_path} has examples in {index_dir}; "
                          "were they made from the same SAE?")
-    with output_lock(out / "scores.jsonl"):  # two runs on one folder would score every feature twice
-        rows = _resume(out, cfg)
-        done = {int(r["feature"]) for r in rows}
-        todo = [f for f in features if f not in done]
-        if cfg.max_features is not None:
-            todo = todo[:max(0, cfg.max_features - len(done & set(features)))]
-        scoring = _Scoring(cfg, index, explanations, features)
-        scoring.prepare(todo)
-        for feature in tqdm(todo, desc="score", unit="feature", disable=not todo):
-            feature_rows = scoring.score_feature(feature)
-            append_jsonl(out / "scores.jsonl", feature_rows)
-            rows.extend(feature_rows)
-        summary = summarize(rows, seed=cfg.seed, n_boot=cfg.n_boot)
-        table = markdown_table(summary)
-        header = (f"Scores of {len({r['feature'] for r in rows})} features ({', '.join(cfg.scorers)}); "
-                  f"segmenter {cfg.segmenter}, binarization {cfg.binarization}, top {cfg.top}"
-                  + (f", detection judge {cfg.judge}" if "detection" in cfg.scorers else "")
-                  + (f", MS encoder {cfg.ms_model}" if "monosemanticity" in cfg.scorers else "")
-                  + "; mean [95% bootstrap CI over features].\n\n")
-        write_text(out / "scores.md", header + table)
-        write_text(out / "scores.csv", csv_table(summary))
-    print(header + table, file=sys.stdout)
-    return summary
+    return _Run(name, index, explanations, features, out)
+
+
+def _score_run(cfg: ScoreConfig, run: _Run, shared: SharedWork) -> tuple[list[dict], str]:
+    """Score one run's remaining features and write its files; its summary rows and its table as printed."""
+    out = run.out
+    rows = _resume(out, cfg)
+    done = {int(r["feature"]) for r in rows}
+    todo = [f for f in run.features if f not in done]
+    if cfg.max_features is not None:
+        todo = todo[:max(0, cfg.max_features - len(done & set(run.features)))]
+    scoring = _Scoring(cfg, run.index, run.explanations, run.features, shared)
+    scoring.prepare(todo)
+    for feature in tqdm(todo, desc="score", unit="feature", disable=not todo):
+        feature_rows = scoring.score_feature(feature)
+        append_jsonl(out / "scores.jsonl", feature_rows)
+        rows.extend(feature_rows)
+    summary = summarize(rows, seed=cfg.seed, n_boot=cfg.n_boot)
+    table = markdown_table(summary)
+    header = (f"Scores of {len({r['feature'] for r in rows})} features ({', '.join(cfg.scorers)}); "
+              f"segmenter {cfg.segmenter}, binarization {cfg.binarization}, top {cfg.top}"
+              + (f", detection judge {cfg.judge}" if "detection" in cfg.scorers else "")
+              + (f", MS encoder {cfg.ms_model}" if "monosemanticity" in cfg.scorers else "")
+              + "; mean [95% bootstrap CI over features].\n\n")
+    write_text(out / "scores.md", header + table)
+    write_text(out / "scores.csv", csv_table(summary))
+    return summary, header + table
+
+
+def score(cfg: ScoreConfig, segmenter: Segmenter | None = None) -> list[dict] | dict[str, list[dict]]:
+    """Score every explained feature of each run; write its scores.jsonl, scores.md and scores.csv.
+
+    Returns the summary rows (:func:`.table.summarize`: one per category, scorer and baseline) of
+    one run, or with several runs ``{run as given in cfg.run: its summary rows}`` in that order.
+    Every run is read and checked (its index, explanations, output files and lock) before any is
+    scored. ``segmenter`` replaces the one ``cfg.segmenter`` names (a notebook's own, or a wrapper).
+    """
+    if not cfg.scorers:
+        raise MmsaeError(f"--scorers is empty; choose from {', '.join(SCORERS)}")
+    cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # checked before any model loads
+    runs = [_open_run(cfg, *paths) for paths in _run_paths(cfg)]
+    shared = SharedWork(cfg, segmenter)  # the models and each image's masks and embeddings, for every run
+    summaries: dict[str, list[dict]] = {}
+    with ExitStack() as locks:
+        for run in runs:  # two calls on one folder would score every feature twice
+            locks.enter_context(output_lock(run.out / "scores.jsonl"))
+        for run in runs:
+            _check_outputs(run.out, cfg)
+        for run in runs:
+            summaries[run.name], text = _score_run(cfg, run, shared)
+            print((f"[{run.name}] " if len(runs) > 1 else "") + text, file=sys.stdout)
+    return summaries[runs[0].name] if len(runs) == 1 else summaries

@@ -12,6 +12,7 @@ measure and is always reported as ``text_similarity``, never as CLIP score.
 from __future__ import annotations
 
 import functools
+from collections.abc import Hashable
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ class ClipScorer:
                  dtype: torch.dtype = torch.float32):
         self.model_id, self.device, self.dtype = model_id, device, dtype
         self._model = self._processor = None
+        # image embeddings by the caller's key (one per distinct image: bounded by the images scored)
+        self._cache: dict[Hashable, torch.Tensor] = {}
 
     def _load(self):
         if self._model is None:
@@ -60,12 +63,21 @@ class ClipScorer:
         pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
         return _features(self._model.get_image_features(pixel_values=pixel_values)).float().cpu()
 
-    def score(self, text: str, images: list[Image.Image]) -> list[float]:
-        """CLIP score of ``text`` against each image."""
+    def embed_keyed(self, images: list[Image.Image], keys: list[Hashable]) -> torch.Tensor:
+        """Embeddings of ``images``, cached by ``keys`` (an equal key: the same image); the images
+        not yet cached are embedded in one batch."""
+        missing = {k: image for k, image in zip(keys, images, strict=True) if k not in self._cache}
+        if missing:
+            self._cache.update(zip(missing, self.embed_images(list(missing.values()))))
+        return torch.stack([self._cache[k] for k in keys])
+
+    def score(self, text: str, images: list[Image.Image], keys: list[Hashable] | None = None) -> list[float]:
+        """CLIP score of ``text`` against each image (embeddings cached by ``keys`` when given)."""
         if not images:
             return []
         text_emb = self.embed_text([text]).expand(len(images), -1)
-        return clip_score_from_embeddings(text_emb, self.embed_images(images)).tolist()
+        image_emb = self.embed_images(images) if keys is None else self.embed_keyed(images, keys)
+        return clip_score_from_embeddings(text_emb, image_emb).tolist()
 
 
 def minilm_path() -> Path:

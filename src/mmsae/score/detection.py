@@ -79,11 +79,13 @@ class ClipJudge:
 
     name = "clip"
 
-    def __init__(self, scorer):
-        self.scorer = scorer
+    def __init__(self, scorer, key: Callable[[int], Any] | None = None):
+        # key(sample_id) names an image for the scorer's embedding cache (None: no caching)
+        self.scorer, self.key = scorer, key
 
     def judge(self, explanation: str, items: list[DetectionItem], concept: str | None = None) -> tuple[list[bool], list[float]]:
-        scores = self.scorer.score(explanation, [item.image for item in items])
+        keys = [self.key(item.sample_id) for item in items] if self.key else None
+        scores = self.scorer.score(explanation, [item.image for item in items], keys=keys)
         n_pos = sum(item.activates for item in items)
         order = np.argsort(-np.asarray(scores), kind="stable")
         chosen = set(order[:n_pos].tolist())

@@ -39,7 +39,7 @@ mean of its last hidden state.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -129,7 +129,12 @@ def _image_model_kind(model_id: str) -> str:
 
 
 class ImageEncoder:
-    """Pooled image embeddings from a transformers image encoder (hub id or folder), cached per sample."""
+    """Pooled image embeddings from a transformers image encoder (hub id or folder), cached per image.
+
+    Images are embedded ``batch_size`` at a time (one at a time cost 15% on the CPU and far more
+    on a GPU); on a GPU an embedding's last bits can depend on its batch, so scoring runs together
+    or apart may differ there in the last digits (on the CPU the two are bit-identical).
+    """
 
     def __init__(self, model_id: str, device: str = "cpu", batch_size: int = 16):
         from transformers import AutoImageProcessor, AutoModel
@@ -145,7 +150,8 @@ class ImageEncoder:
             raise MmsaeError(f"{OPTION} {self.model_id}: cannot load the image encoder or its image processor "
                              f"({_first_line(e)})") from e
         self.model.to(device).eval().requires_grad_(False)
-        self._cache: dict[int, np.ndarray] = {}
+        # one embedding per distinct image: bounded by the images the scored indexes keep
+        self._cache: dict[Hashable, np.ndarray] = {}
 
     @torch.no_grad()
     def embed(self, images: list[Image.Image]) -> torch.Tensor:
@@ -163,13 +169,14 @@ class ImageEncoder:
                 emb = out.last_hidden_state.mean(1)
         return emb.flatten(1).float().cpu()
 
-    def embed_samples(self, sample_ids: Sequence[int], load: Callable[[int], Image.Image],
+    def embed_samples(self, keys: Sequence[Hashable], load: Callable[[Hashable], Image.Image],
                       progress: bool = False) -> np.ndarray:
-        """Embeddings [len(sample_ids), D] of the index's images; each distinct image is embedded once."""
-        missing = list(dict.fromkeys(int(s) for s in sample_ids if int(s) not in self._cache))
+        """Embeddings [len(keys), D] of the images ``load(key)`` gives (sample ids, or any key that
+        names one image); each distinct key is embedded once."""
+        missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
         starts = range(0, len(missing), self.batch_size)
         for start in tqdm(starts, desc="embed images", unit="batch", disable=not progress or not missing):
             batch = missing[start:start + self.batch_size]
-            for sid, emb in zip(batch, self.embed([load(s) for s in batch]).numpy()):
-                self._cache[sid] = emb
-        return np.stack([self._cache[int(s)] for s in sample_ids]) if len(sample_ids) else np.zeros((0, 0))
+            for key, emb in zip(batch, self.embed([load(k) for k in batch]).numpy()):
+                self._cache[key] = emb
+        return np.stack([self._cache[k] for k in keys]) if len(keys) else np.zeros((0, 0))

@@ -1,7 +1,8 @@
 """The scorers behind one interface, registered by name in :data:`SCORERS`.
 
 A :class:`Scorer` is built once per run from the shared :class:`Context` (config, index, the
-features to score, the models two scorers share) and then scores one feature at a time: given a
+features to score, and the models and per-image work the scorers and runs of one call share,
+:class:`.shared.SharedWork`) and then scores one feature at a time: given a
 :class:`FeatureCase` (the feature's top examples, its explanation and the shuffled one, random
 other images) it yields rows ``(scorer, baseline, value, details)``. Each scorer handles the
 baselines that mean something for it; the stage (:mod:`mmsae.score`) turns the rows into
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,10 +21,11 @@ import numpy as np
 from .baselines import random_images
 from .detection import ChatJudge, ClipJudge, DetectionItem, OracleJudge, adapter_asker, detect, openai_asker
 from .iou import dataset_iou, intersection_union, iou, netdissect_iou, resolution_ceiling
-from .segmenters import FullMaskSegmenter, load_segmenter, region_caption, scene_from_meta
+from .segmenters import FullMaskSegmenter, region_caption, scene_from_meta
 
 if TYPE_CHECKING:
     from . import ScoreConfig
+    from .shared import SharedWork
 
 Row = tuple[str, str, float, dict]  # (scorer, baseline, value, details)
 
@@ -69,18 +70,22 @@ class FeatureCase:
 @dataclass
 class Context:
     """What the scorers of one run share: the config, the index, every feature to score, the
-    index's images (the pool random images come from) and a CLIP model loaded at most once."""
+    index's images (the pool random images come from), and what every run of the call shares
+    (``shared``: the models, each loaded once, and the masks and embeddings of its images)."""
 
     cfg: ScoreConfig
     index: Any
     features: list[int]
     pool: list[int]
+    shared: SharedWork
 
-    @cached_property
+    @property
     def clip(self):
-        from .clip import ClipScorer
+        return self.shared.clip
 
-        return ClipScorer(self.cfg.clip_model, device=self.cfg.device)
+    def image_key(self, sample_id: int) -> str:
+        """What names the sample's image in the shared caches (:meth:`FeatureIndex.sample_digest`)."""
+        return self.index.sample_digest(sample_id)
 
 
 class Scorer:
@@ -110,20 +115,12 @@ class IouScore(Scorer):
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
-        cfg = ctx.cfg
-        self.segmenter = load_segmenter(
-            cfg.segmenter, clipseg_model=cfg.clipseg_model, clipseg_threshold=cfg.clipseg_threshold,
-            detector_model=cfg.detector_model, sam_model=cfg.sam_model, box_threshold=cfg.box_threshold,
-            text_threshold=cfg.text_threshold, device=cfg.device)
         self.full = FullMaskSegmenter()
-        self._masks: dict[tuple[int, str], Any] = {}
         self._reservoir: dict[int, list] = {}  # the current feature's firing sample with binarised maps
 
-    def _segment(self, sample_id: int, image, meta, phrase: str):
-        key = (sample_id, phrase)
-        if key not in self._masks:
-            self._masks[key] = self.segmenter.segment(image, phrase, meta)
-        return self._masks[key]
+    def _segment(self, sample_id: int, phrase: str, image=None, meta=None):
+        # the call's shared masks: an (image, phrase) pair is segmented once for every feature and run
+        return self.ctx.shared.mask(self.ctx.index, sample_id, phrase, image, meta)
 
     def _netdissect(self, feature: int, phrase: str, activating: set[int]) -> tuple[float, dict] | None:
         """Network Dissection's dataset-level IoU of ``phrase``, estimated from the index's samples.
@@ -148,12 +145,11 @@ class IouScore(Scorer):
         sample = self._reservoir[feature]
         if not sample or not n_images:
             return None
-        firing = [intersection_union(self._segment(s, index.image(s), index.sample_meta(s), phrase), act)
-                  for s, act in sample]
+        firing = [intersection_union(self._segment(s, phrase), act) for s, act in sample]
         negatives = random_images(self.ctx.pool, activating, cfg.netdissect_images, cfg.seed + 1, feature)
         areas = []
         for s in negatives:
-            mask = self._segment(s, index.image(s), index.sample_meta(s), phrase)
+            mask = self._segment(s, phrase)
             areas.append(0 if mask is None else int(mask.sum()))
         value = netdissect_iou(firing, n_firing, areas, n_images)
         return value, {"n_images": n_images, "n_firing": n_firing, "firing_sampled": len(firing),
@@ -164,7 +160,7 @@ class IouScore(Scorer):
         candidates = sorted({name for m in data.metas for name in scene_from_meta(m).concepts})
         best = None
         for phrase in candidates:
-            per_image = [iou(self._segment(s, im, m, phrase), a)
+            per_image = [iou(self._segment(s, phrase, im, m), a)
                          for s, im, m, a in zip(data.sample_ids, data.images, data.metas, data.maps)]
             if best is None or np.mean(per_image) > best["value"]:
                 best = {"value": float(np.mean(per_image)), "per_image": per_image, "phrase": phrase}
@@ -174,10 +170,9 @@ class IouScore(Scorer):
 
     def score(self, case: FeatureCase) -> Iterator[Row]:
         cfg, data = self.ctx.cfg, case.data
-        self._masks.clear()
         common = {"segmenter": cfg.segmenter, "binarization": data.binarization}
         for baseline, (_, phrase) in case.texts.items():
-            masks = [self._segment(s, im, m, phrase) for s, im, m in zip(data.sample_ids, data.images, data.metas)]
+            masks = [self._segment(s, phrase, im, m) for s, im, m in zip(data.sample_ids, data.images, data.metas)]
             per_image = [iou(mk, a) for mk, a in zip(masks, data.maps)]
             failed = sum(mk is None for mk in masks)
             yield "iou", baseline, np.mean(per_image), dict(per_image=per_image, failed=failed, phrase=phrase, **common)
@@ -188,13 +183,13 @@ class IouScore(Scorer):
                                                                       pooled_top_images=dataset_iou(masks, data.maps), **common)
         phrase = case.texts["none"][1]
         if "random_images" in cfg.baselines and case.rand_ids:
-            masks = [self._segment(s, im, m, phrase) for s, im, m in zip(case.rand_ids, case.rand_images, case.rand_metas)]
+            masks = [self._segment(s, phrase, im, m) for s, im, m in zip(case.rand_ids, case.rand_images, case.rand_metas)]
             per_image = [iou(mk, a) for mk, a in zip(masks, case.rand_maps)]
             yield "iou", "random_images", np.mean(per_image), dict(per_image=per_image, phrase=phrase,
                                                                    failed=sum(mk is None for mk in masks),
                                                                    sample_ids=case.rand_ids, **common)
         if "ceiling" in cfg.baselines:
-            masks = [self._masks[(s, phrase)] for s in data.sample_ids]
+            masks = [self._segment(s, phrase, im, m) for s, im, m in zip(data.sample_ids, data.images, data.metas)]
             per_image = [resolution_ceiling(lay, mk) for lay, mk in zip(data.layouts, masks)]
             yield "iou", "ceiling", np.mean(per_image), dict(
                 per_image=per_image, phrase=phrase, segmenter=cfg.segmenter,
@@ -219,11 +214,13 @@ class ClipScore(Scorer):
 
     def score(self, case: FeatureCase) -> Iterator[Row]:
         cfg = self.ctx.cfg
+        keys = [self.ctx.image_key(s) for s in case.data.sample_ids]
         for baseline, (explanation, _) in case.texts.items():
-            per_image = self.clip.score(explanation, case.data.images)
+            per_image = self.clip.score(explanation, case.data.images, keys)
             yield "clip", baseline, np.mean(per_image), dict(per_image=per_image, model=cfg.clip_model)
         if "random_images" in cfg.baselines and case.rand_ids:
-            per_image = self.clip.score(case.texts["none"][0], case.rand_images)
+            per_image = self.clip.score(case.texts["none"][0], case.rand_images,
+                                        [self.ctx.image_key(s) for s in case.rand_ids])
             yield "clip", "random_images", np.mean(per_image), dict(per_image=per_image, model=cfg.clip_model,
                                                                     sample_ids=case.rand_ids)
 
@@ -237,9 +234,7 @@ class TextSimilarityScore(Scorer):
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
-        from .clip import TextSimilarity
-
-        self.text = TextSimilarity(ctx.cfg.text_model, device=ctx.cfg.device)
+        self.text = ctx.shared.text
 
     def score(self, case: FeatureCase) -> Iterator[Row]:
         data = case.data
@@ -261,16 +256,14 @@ def make_judge(ctx: Context):
     if cfg.judge == "oracle":
         return OracleJudge()
     if cfg.judge == "clip":
-        return ClipJudge(ctx.clip)
+        return ClipJudge(ctx.clip, key=ctx.image_key)
     if cfg.judge == "openai":
         from ..explain.openai_client import OpenAIClient
 
         client = OpenAIClient.from_env(cfg.judge_model, cfg.base_url, cfg.api_key,
                                        needs="the openai judge needs --judge-model", max_tokens=8)
         return ChatJudge(openai_asker(client), cfg.judge_prompt)
-    from ..models import load_adapter
-
-    adapter = load_adapter(cfg.judge_model or ctx.index.cfg["model"], device=cfg.device)
+    adapter = ctx.shared.adapter(cfg.judge_model or ctx.index.cfg["model"])
     return ChatJudge(adapter_asker(adapter), cfg.judge_prompt)
 
 
@@ -305,10 +298,10 @@ class MonosemanticityScore(Scorer):
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
-        from .monosemanticity import ImageEncoder, minmax, shuffled_assignments
+        from .monosemanticity import minmax, shuffled_assignments
 
         cfg = ctx.cfg
-        self.encoder = ImageEncoder(cfg.ms_model, device=cfg.device)
+        self.encoder = ctx.shared.ms_encoder
         # per feature, its top images with their min-max scaled image scores (see .monosemanticity
         # for which images and why 0 is the minimum), and the shuffled deal
         self.sets: dict[int, list[tuple[int, float]]] = {}
@@ -323,7 +316,13 @@ class MonosemanticityScore(Scorer):
     def prepare(self, features: list[int]) -> None:
         """Embed, once each and with a progress bar, every image the scores of ``features`` need."""
         ids = [s for f in features for pairs in (self.sets.get(f), self.shuffled.get(f)) for s, _ in pairs or []]
-        self.encoder.embed_samples(ids, self.ctx.index.image, progress=True)
+        self._embed(ids, progress=True)
+
+    def _embed(self, sample_ids: list[int], progress: bool = False) -> np.ndarray:
+        # keyed by the image, not the id: the encoder and its embeddings serve every run of the call
+        keys = [self.ctx.image_key(s) for s in sample_ids]
+        ids = dict(zip(keys, sample_ids))
+        return self.encoder.embed_samples(keys, lambda key: self.ctx.index.image(ids[key]), progress=progress)
 
     def score(self, case: FeatureCase) -> Iterator[Row]:
         from .monosemanticity import monosemanticity
@@ -333,7 +332,7 @@ class MonosemanticityScore(Scorer):
             if not pairs:
                 continue
             ids, weights = [s for s, _ in pairs], [w for _, w in pairs]
-            value = monosemanticity(weights, self.encoder.embed_samples(ids, index.image))
+            value = monosemanticity(weights, self._embed(ids))
             if value == value:  # NaN (fewer than two weighted images) is no score
                 yield "monosemanticity", baseline, value, dict(
                     sample_ids=ids, weights=weights, model=self.ctx.cfg.ms_model,
