@@ -170,15 +170,6 @@ def _store_reconstruction(sae: SparseAutoencoder, cfg: EvaluateConfig, device: t
     return stats.result(cfg.histogram_bins, f"store {cfg.activations}")
 
 
-def _masks(layouts, shape, device) -> tuple[torch.Tensor, torch.Tensor]:
-    image = torch.zeros(shape, dtype=torch.bool, device=device)
-    text = torch.zeros(shape, dtype=torch.bool, device=device)
-    for i, layout in enumerate(layouts):
-        image[i, layout.positions.to(device)] = True
-        text[i, layout.text_positions.to(device)] = True
-    return image, text
-
-
 class _SplicedLoss:
     """One SAE's share of the model pass: its spliced next-token loss (with the reconstruction,
     and with zeros, at image / text / all rows of its site) and its reconstruction statistics."""
@@ -264,6 +255,7 @@ def _model_metrics(saes: list[SparseAutoencoder], rules: list[TokenExclusion], c
 
     from .data.sources import DEFAULT_PROMPT, open_source
     from .hooks import capture
+    from .intervene import span_positions
     from .models import load_adapter
     from .models.sites import check_sae_site
 
@@ -279,7 +271,7 @@ def _model_metrics(saes: list[SparseAutoencoder], rules: list[TokenExclusion], c
         batch = samples[start:start + cfg.batch_size]
         inputs = adapter.build_inputs([s.image for s in batch], [s.text for s in batch])
         ids = inputs.inputs["input_ids"]
-        image_mask, text_mask = _masks(inputs.layouts, ids.shape, ids.device)
+        image_mask, text_mask = span_positions(inputs, "image"), span_positions(inputs, "text")
         # next-token targets: text positions t >= 1, predicted from t - 1
         target_mask = text_mask.clone()
         target_mask[:, 0] = False

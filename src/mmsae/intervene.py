@@ -157,17 +157,21 @@ def site_rows_mask(adapter: ModelAdapter, site: Site, inputs: ModelInputs | None
         if span != "all":
             raise MmsaeError(f"span '{span}' needs the batch's inputs (to know which positions are image/text/prompt)")
         return Rows(site=site)
-    attention = inputs.attention_mask.bool().cpu()
+    return Rows(prompt=span_positions(inputs, span).cpu(), generated=span in ("all", "text", "generated"), site=site)
+
+
+def span_positions(inputs: ModelInputs, span: str) -> torch.Tensor:
+    """[batch, seq] True at the positions of the built batch ``inputs`` that ``span`` covers:
+    ``all`` / ``prompt`` every real token, ``image`` the image-patch tokens, ``text`` the text
+    tokens, ``generated`` none (padding never); on the batch's device."""
+    attention = inputs.attention_mask.bool()
     if span in ("all", "prompt"):
-        prompt = attention.clone()
-    elif span == "generated":
-        prompt = torch.zeros_like(attention)
-    else:
-        prompt = torch.zeros_like(attention)
+        return attention.clone()
+    positions = torch.zeros_like(attention)
+    if span in ("image", "text"):
         for b, layout in enumerate(inputs.layouts):
-            prompt[b, (layout.positions if span == "image" else layout.text_positions).cpu()] = True
-        prompt &= attention
-    return Rows(prompt=prompt, generated=span in ("all", "text", "generated"), site=site)
+            positions[b, (layout.positions if span == "image" else layout.text_positions).to(positions.device)] = True
+    return positions & attention
 
 
 # --- the hook -------------------------------------------------------------------------------------
