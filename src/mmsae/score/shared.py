@@ -6,8 +6,9 @@ image does not depend on the run: a segmenter's mask of a phrase on an image, an
 MS-encoder embedding. :class:`SharedWork` holds the models and caches that work, keyed by
 :meth:`FeatureIndex.sample_digest` (the image copy's bytes and the sample's meta), not by sample
 id: ids are positions in the indexed data, so two indexes over other data share ids for other
-pictures. Every cached result is a pure function of its key (images are embedded one per pass),
-so a run scored with others writes the bytes it writes alone.
+pictures. A mask is a pure function of its key, so a run's IoU rows are the same scored with
+others or alone; embeddings are computed in batches, whose make-up can change an embedding's last
+bits on a GPU (on the CPU a run scored with others writes the bytes it writes alone).
 """
 
 from __future__ import annotations
