@@ -225,6 +225,23 @@ def test_values_relative_to_the_index_max_activation(tmp_path):
         build_interventions([1, 2, 3], [1.0, 2.0], "add")
 
 
+def test_relative_values_refuse_an_index_of_another_sae(tmp_path, adapter):
+    from mmsae.index import FeatureIndex, IndexConfig, build_index
+    from mmsae.steer import relative_scale
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (30, 24), (200, 40, 40)).save(tmp_path / "images" / "img.png")
+    sae, other = make_sae(adapter, seed=0), make_sae(adapter, seed=1)
+    sae.save(tmp_path / "sae")
+    build_index(IndexConfig(sae=str(tmp_path / "sae"), model=tiny_model("llava"), data=str(tmp_path / "images"),
+                            out=str(tmp_path / "index"), top_n=1, random_n=1, device="cpu"))
+    fired = [f for f in FeatureIndex(tmp_path / "index").features()
+             if (FeatureIndex(tmp_path / "index").stats(f).get("max_activation") or 0) > 0][:1]
+    assert relative_scale(str(tmp_path / "index"), fired, sae)[0] > 0  # its own SAE: fine
+    with pytest.raises(MmsaeError, match="was built with another SAE"):
+        relative_scale(str(tmp_path / "index"), fired, other)
+
+
 def test_sweep_with_a_judge(adapter):
     from mmsae.steer import sweep
 

@@ -110,11 +110,14 @@ def load_images(paths: Sequence[str], n_prompts: int) -> list:
     return images * n_prompts if len(images) == 1 else images
 
 
-def relative_scale(index_dir: str, features: Sequence[int]) -> list[float]:
-    """Each feature's largest activation in the index (what relative values multiply)."""
+def relative_scale(index_dir: str, features: Sequence[int], sae=None) -> list[float]:
+    """Each feature's largest activation in the index (what relative values multiply); with
+    ``sae``, an index built with another SAE is refused (one written by hand records none)."""
     from .index import FeatureIndex
 
     index = FeatureIndex(index_dir)
+    if sae is not None and index.sae_fingerprint:
+        index.check_sae(sae)
     scales = []
     for f in features:
         m = index.stats(f).get("max_activation")
@@ -279,7 +282,7 @@ def steer(cfg: SteerConfig) -> list[dict]:
     adapter, sae = load_model_and_sae(cfg.model, cfg.sae, cfg.device, cfg.dtype, cfg.site)
     site = check_sae_site(sae, adapter)
     check_features(sae, cfg.feature)
-    scales = relative_scale(cfg.index, cfg.feature) if cfg.index else None
+    scales = relative_scale(cfg.index, cfg.feature, sae) if cfg.index else None
     ivs = build_interventions(cfg.feature, cfg.value, cfg.mode, scales)
 
     lower = "--batch-size or --max-new-tokens"
