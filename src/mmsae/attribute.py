@@ -25,7 +25,7 @@ from .config import check_config
 from .errors import MmsaeError
 from .intervene import Intervention, Rows, site_latents, spliced, work_dtype
 from .io import atomic_path, check_own_file, ensure_dir, write_json
-from .models.sites import check_sae_site
+from .models.sites import check_sae_site, site_record
 from .runtime import out_of_memory_guard
 from .steer import load_images, load_model_and_sae
 
@@ -166,10 +166,7 @@ def _every_row(adapter, site, inputs, copies: int) -> Rows:
     patch and CLS/register row at a vision or projector site."""
     if site.kind == "lm":
         return Rows(site=site)
-    rows = adapter.site_rows(site, inputs, include_special=True)
-    one = torch.zeros(rows.num_rows, dtype=torch.bool)
-    one[rows.index] = True
-    return Rows(flat=one.repeat(copies), flat_sample=torch.arange(copies).repeat_interleave(rows.num_rows), site=site)
+    return Rows.of_site_rows(adapter.site_rows(site, inputs, include_special=True), copies)
 
 
 def ablation_effects(adapter, sae, objective: AnswerObjective, features: list[int], batch_size: int = 8) -> list[float]:
@@ -312,13 +309,6 @@ def attribution_report(adapter, sae, objective: AnswerObjective, att: Attributio
             save_heatmap(image, image_heatmap(layout, per_patch), out / name, f"feature {f}: attribution {r['image']:+.3g} over the image")
             result["heatmaps"][str(f)] = name
     return result
-
-
-def site_record(adapter, site) -> dict:
-    """What an output file records of where its SAE sat: the site, and for an lm site its layer
-    and hook point."""
-    lm = site.kind == "lm"
-    return {"site": str(site), "layer": site.layer if lm else None, "hook_point": adapter.hook_point(site.layer) if lm else None}
 
 
 def attribute(cfg: AttributeConfig) -> dict:

@@ -36,7 +36,7 @@ import torch
 
 from .errors import MmsaeError
 from .hooks import edit
-from .models.base import ModelAdapter, ModelInputs, TokenLayout, image_heatmap
+from .models.base import ModelAdapter, ModelInputs, SiteRows, TokenLayout, image_heatmap
 from .models.sites import Site, check_sae_site
 
 Mode = Literal["clamp", "add", "scale"]
@@ -108,6 +108,19 @@ class Rows:
         self.flat, self.flat_sample, self.site = flat, flat_sample, site
         self.position = 0
 
+    @classmethod
+    def of_site_rows(cls, rows: SiteRows, copies: int = 1) -> Rows:
+        """The rows ``rows`` keeps (a vision or projector site's, for one batch) covered, in each
+        of ``copies`` copies of that batch laid one after another (copy c's sequences numbered
+        after copy c-1's)."""
+        flat = torch.zeros(rows.num_rows, dtype=torch.bool)
+        flat[rows.index] = True
+        sample = torch.full((rows.num_rows,), -1, dtype=torch.long)
+        sample[rows.index] = rows.sample
+        sequences = len(rows.layouts)
+        copied = torch.cat([torch.where(sample >= 0, sample + c * sequences, sample) for c in range(copies)])
+        return cls(flat=flat.repeat(copies), flat_sample=copied, site=rows.site)
+
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(covered, sequence) for this call, each shaped like ``hidden`` without its last dim."""
         lead, device = hidden.shape[:-1], hidden.device
@@ -147,12 +160,7 @@ def site_rows_mask(adapter: ModelAdapter, site: Site, inputs: ModelInputs | None
             raise MmsaeError(f"span '{span}' covers nothing at {site}, which holds image patches only; use span all or image")
         if inputs is None:
             raise MmsaeError(f"an SAE at {site} needs the batch's inputs to know which rows are image patches")
-        rows = adapter.site_rows(site, inputs)
-        flat = torch.zeros(rows.num_rows, dtype=torch.bool)
-        flat[rows.index] = True
-        sample = torch.full((rows.num_rows,), -1, dtype=torch.long)
-        sample[rows.index] = rows.sample
-        return Rows(flat=flat, flat_sample=sample, site=site)
+        return Rows.of_site_rows(adapter.site_rows(site, inputs))
     if inputs is None:
         if span != "all":
             raise MmsaeError(f"span '{span}' needs the batch's inputs (to know which positions are image/text/prompt)")
@@ -246,8 +254,8 @@ def spliced(adapter: ModelAdapter, sae, inputs: ModelInputs | None = None, *, si
     one block per batch or ``generate`` call.
     """
     site = check_sae_site(sae, adapter, site)
-    if site.kind == "vision" and (interventions or replace or grad) and site.layer > adapter.deepest_vision_block_read():
-        read = adapter.deepest_vision_block_read()
+    read = adapter.deepest_vision_block_read() if site.kind == "vision" and (interventions or replace or grad) else None
+    if read is not None and site.layer > read:
         raise MmsaeError(f"{site} of {adapter.model_id} comes after vision:{read}, the deepest block the language model reads: "
                          f"an edit there cannot change the answer; use an SAE at vision:{read} or earlier")
     hook = SaeSplice(sae, site, rows if rows is not None else site_rows_mask(adapter, site, inputs, span),
@@ -320,8 +328,11 @@ class Run:
     latents: Mapping  # SAE -> SiteLatents (also by site name)
 
 
-def _as_list(x) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
+def _build(adapter: ModelAdapter, images, prompts) -> ModelInputs:
+    """A batch of ``prompts`` with ``images`` (one each, one for all, or None)."""
+    prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    return adapter.build_inputs(images * len(prompts) if len(images) == 1 else images, prompts)
 
 
 @contextmanager
@@ -339,10 +350,8 @@ def run_with_saes(adapter: ModelAdapter, saes, images, prompts, span: str = "all
     """Run ``prompts`` (with ``images``: one each, or None) with the SAEs attached; return the
     logits and each SAE's latents per token with their layout. ``saes``: an SAE, a list of them,
     or a mapping from each SAE to the interventions to apply while running."""
-    prompts, images = _as_list(prompts), _as_list(images)
-    images = images * len(prompts) if len(images) == 1 else images
-    inputs = adapter.build_inputs(images, prompts)
-    mapping = saes if isinstance(saes, Mapping) else {sae: () for sae in _as_list(saes)}
+    inputs = _build(adapter, images, prompts)
+    mapping = saes if isinstance(saes, Mapping) else {sae: () for sae in (saes if isinstance(saes, (list, tuple)) else [saes])}
     with torch.no_grad(), attached(adapter, mapping, inputs, span, record=True) as hooks:
         logits = adapter.model(**inputs.inputs, use_cache=False).logits
     latents: dict = {}
@@ -381,6 +390,4 @@ def generate_inputs(adapter: ModelAdapter, inputs: ModelInputs, max_new_tokens: 
 def generate(adapter: ModelAdapter, images, prompts, saes=None, max_new_tokens: int = 32, span: str = "all") -> list[str]:
     """Greedy replies to ``prompts`` (with ``images``: one each, one for all, or None), with the
     interventions ``saes`` maps each SAE to (see :func:`generate_inputs`)."""
-    prompts, images = _as_list(prompts), _as_list(images)
-    images = images * len(prompts) if len(images) == 1 else images
-    return generate_inputs(adapter, adapter.build_inputs(images, prompts), max_new_tokens, saes, span).texts
+    return generate_inputs(adapter, _build(adapter, images, prompts), max_new_tokens, saes, span).texts

@@ -32,7 +32,7 @@ from .config import check_config
 from .errors import MmsaeError
 from .intervene import Generation, Intervention, Mode, Span, check_features, generate_inputs
 from .io import append_jsonl, check_own_file, ensure_dir, latest_rows, read_jsonl, write_json
-from .models.sites import check_sae_site
+from .models.sites import check_sae_site, site_record
 from .runtime import check_dtype, out_of_memory_guard, resolve_device
 
 __all__ = ["Intervention", "SteerConfig", "steer", "sweep", "run_batches", "build_interventions", "perplexity"]
@@ -294,7 +294,7 @@ def steer(cfg: SteerConfig) -> list[dict]:
     for i, (p, a, b) in enumerate(zip(cfg.prompt, clean, steered_texts)):
         print(f"[{i}] {p}\n    steering: {desc} on span '{cfg.span}'\n{side_by_side(a, b)}\n")
         rows.append({"prompt": p, "image": cfg.image[0] if len(cfg.image) == 1 else (cfg.image[i] if cfg.image else None),
-                     "interventions": [{"feature": iv.feature, "value": iv.value, "mode": iv.mode} for iv in ivs], "span": cfg.span, "site": str(site), "layer": site.layer if site.kind == "lm" else None,
+                     "interventions": [{"feature": iv.feature, "value": iv.value, "mode": iv.mode} for iv in ivs], "span": cfg.span, **site_record(adapter, site),
                      "relative_to_index": cfg.index is not None,
                      "clean": a, "steered": b, "model": cfg.model, "sae": cfg.sae})
     append_jsonl(out / "steering.jsonl", rows)

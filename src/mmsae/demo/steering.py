@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from ..attribute import ATTRIBUTION_KEYS, attribute_answer, attribution_report, build_objective, site_record
+from ..attribute import ATTRIBUTION_KEYS, attribute_answer, attribution_report, build_objective
 from ..data.shapes import COLOURS, SHAPES, ShapesWorld
 from ..intervene import Intervention
 from ..io import append_jsonl, check_own_file, ensure_dir, write_json
 from ..models import load_adapter
 from ..models.base import ModelAdapter
-from ..models.sites import check_sae_site
+from ..models.sites import check_sae_site, site_record
 from ..sae import load_sae
 from ..steer import STEERING_KEYS, build_interventions, run_batches
 

@@ -140,6 +140,13 @@ def site_dirnames(sites: list[Site]) -> list[str]:
     return [site_dirname(site) for site in sites]
 
 
+def site_record(adapter, site: Site) -> dict:
+    """What an output file records of where its SAE sat: the site, and for an lm site its layer
+    and hook point."""
+    lm = site.kind == "lm"
+    return {"site": str(site), "layer": site.layer if lm else None, "hook_point": adapter.hook_point(site.layer) if lm else None}
+
+
 def recorded_site(cfg) -> str | int | None:
     """The site an SAE config records (``cfg`` is a SaeConfig, an SAE or a cfg dict): its
     ``site``, else its ``hook_point``, else its ``layer`` (``lm:L``); None if it records none."""
